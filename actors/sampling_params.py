@@ -1,0 +1,67 @@
+"""Per-request sampling parameters, shared by the engine (validation, stop handling) and the rank
+workers (the sampler). Kept free of torch so both sides import it cheaply."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidRequestError(ValueError):
+    """A request parameter is out of range; `field` names it so APIs can report it."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int = 0  # number of top logprobs to return per token (0: none)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self) -> "SamplingParams":
+        """Raise InvalidRequestError naming the first bad field; return self for chaining."""
+        def bad(name: str, msg: str) -> None:
+            raise InvalidRequestError(name, msg)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
+        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+            bad("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0:
+            bad("top_k", f"must be -1 (disabled) or a positive integer, got {self.top_k!r}")
+        if not (0.0 <= self.min_p <= 1.0):
+            bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if not (self.repetition_penalty > 0.0):
+            bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        if not (-2.0 <= self.presence_penalty <= 2.0):
+            bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty!r}")
+        if not (-2.0 <= self.frequency_penalty <= 2.0):
+            bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            bad("seed", f"must be a non-negative integer, got {self.seed!r}")
+        if any((not isinstance(s, str)) or s == "" for s in self.stop):
+            bad("stop", "stop strings must be non-empty strings")
+        if len(self.stop) > 16:
+            bad("stop", f"at most 16 stop strings, got {len(self.stop)}")
+        if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+        if not isinstance(self.logprobs, int) or not (0 <= self.logprobs <= 20):
+            bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        return self
