@@ -1,0 +1,121 @@
+"""DeepseekV3ForCausalLM's architecture over expertmesh's paged KV cache.
+
+Parameter names follow the hub's, with the routed experts stacked per layer
+(`mlp.experts.w13` / `w2`) for the grouped FFN; `load_weights` maps the hub's per-expert names.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..forward_batch import ForwardBatch
+from ..kv_cache import MLAKVCache
+from .attention import MLAttention
+from .config import ModelConfig
+from .layers import DenseMLP, RMSNorm
+from .moe import MoE
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, expert_range: tuple[int, int]):
+        super().__init__()
+        self.self_attn = MLAttention(config, layer)
+        if config.is_moe_layer(layer):
+            self.mlp: nn.Module = MoE(config, expert_range[0], expert_range[1] - expert_range[0])
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, batch, kv, rope, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv, rope, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    """`expert_range` = [first, end) of the routed experts this process holds (all by default)."""
+
+    def __init__(self, config: ModelConfig, expert_range: tuple[int, int] | None = None):
+        super().__init__()
+        self.config = config
+        self.expert_range = expert_range or (0, config.n_routed_experts)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.expert_range) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    def wants_expert(self, layer: int, expert: int) -> bool:
+        return self.expert_range[0] <= expert < self.expert_range[1]
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
+        """Runs the layers over the batch's new tokens; returns final hidden states [T, H]."""
+        x = self.embed_tokens(batch.input_ids)
+        cos, sin = self.rope.cos_sin(batch.positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, batch, kv, self.rope, cos, sin)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copies hub-named tensors into the model; returns the parameter names that were filled."""
+        params = dict(self.named_parameters())
+        filled: set[str] = set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                target, index = self._map_name(name, params)
+                if target is None:
+                    continue
+                param = params[target]
+                dst = param[index] if index is not None else param
+                if dst.shape != tensor.shape:
+                    raise ValueError(f"{name}: expected shape {tuple(dst.shape)}, got {tuple(tensor.shape)}")
+                dst.copy_(tensor.to(param.dtype))
+                filled.add(target if index is None else f"{target}[{index}]")
+        if self.config.tie_word_embeddings and "lm_head.weight" not in filled:
+            self.lm_head.weight = self.embed_tokens.weight
+            filled.add("lm_head.weight")
+        return filled
+
+    def _map_name(self, name: str, params: dict):
+        """hub name → (our parameter name, index or None); (None, None) for tensors not ours."""
+        if name.startswith("model."):
+            name = name[len("model."):]
+        parts = name.split(".")
+        if parts[0] == "layers" and int(parts[1]) >= self.config.num_hidden_layers:
+            return None, None  # MTP layer
+        if len(parts) >= 6 and parts[2] == "mlp" and parts[3] == "experts":
+            layer, expert, proj = int(parts[1]), int(parts[4]), parts[5]
+            if not self.wants_expert(layer, expert):
+                return None, None
+            local = expert - self.expert_range[0]
+            inter = self.config.moe_intermediate_size
+            base = f"layers.{layer}.mlp.experts"
+            if proj == "gate_proj":
+                return f"{base}.w13", (local, slice(0, inter))
+            if proj == "up_proj":
+                return f"{base}.w13", (local, slice(inter, 2 * inter))
+            return f"{base}.w2", local
+        if name in params:
+            return name, None
+        return None, None
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, expert_range: tuple[int, int] | None = None,
+                device: torch.device | str = "cpu") -> DeepseekV3Model:
+    """An empty model in `dtype`, the gate kept in fp32 as the reference keeps it."""
+    with torch.device(device):
+        model = DeepseekV3Model(config, expert_range).to(dtype)
+    for moe in model.moe_layers():
+        moe.gate.float()
+    return model.eval()

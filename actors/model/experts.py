@@ -1,0 +1,80 @@
+"""Routed experts: the one replaceable step of the MoE layer.
+
+`RoutedExperts` turns (hidden states, chosen experts, weights) into the weighted sum of expert
+outputs. `LocalExperts` holds every expert it computes in this process; the expert-parallel
+backend (ep.py) wraps the same grouped FFN with an all-to-all dispatch and combine.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RoutedExperts(Protocol):
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_ids [T, k] (global expert ids), topk_weights [T, k] fp32 → [T, H] fp32."""
+        ...
+
+
+class ExpertWeights(nn.Module):
+    """The stacked weights of a contiguous range of experts [first, first + count)."""
+
+    def __init__(self, first: int, count: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.first, self.count = first, count
+        self.hidden, self.intermediate = hidden, intermediate
+        # gate rows then up rows, as the reference stacks them
+        self.w13 = nn.Parameter(torch.empty(count, 2 * intermediate, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(count, hidden, intermediate), requires_grad=False)
+
+    def owns(self, expert: int) -> bool:
+        return self.first <= expert < self.first + self.count
+
+    def grouped_ffn(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """xs: rows sorted by local expert, counts[e] rows for local expert e → FFN outputs, same order."""
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = xs[start : start + n]
+            gate, up = F.linear(rows, self.w13[e]).chunk(2, dim=-1)
+            out[start : start + n] = F.linear(F.silu(gate) * up, self.w2[e])
+            start += n
+        return out
+
+
+def permute_by_expert(topk_ids: torch.Tensor, num_buckets: int, bucket_of=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable order of the flattened (token, k) pairs by expert (or by `bucket_of(expert)`), and the
+    bucket sizes. Stability keeps each token's experts in ascending order, as the reference sums."""
+    flat = topk_ids.flatten()
+    keys = flat if bucket_of is None else bucket_of(flat)
+    order = torch.sort(flat, stable=True)[1]
+    if bucket_of is not None:
+        order = order[torch.sort(keys[order], stable=True)[1]]
+    counts = torch.bincount(keys, minlength=num_buckets)
+    return order, counts
+
+
+def combine(outputs: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
+    """Weighted sum in fp32 of expert outputs (rows in `order`) back into token order."""
+    weighted = outputs.float() * topk_weights.flatten()[order, None]
+    out = torch.zeros(num_tokens, outputs.shape[-1], dtype=torch.float32, device=outputs.device)
+    return out.index_add_(0, order // k, weighted)
+
+
+class LocalExperts:
+    """All experts in this process: permute → grouped FFN → weighted combine."""
+
+    def __init__(self, weights: ExpertWeights):
+        self.weights = weights
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        t, k = topk_ids.shape
+        local = topk_ids - self.weights.first
+        order, counts = permute_by_expert(local, self.weights.count)
+        outs = self.weights.grouped_ffn(x[order // k], counts.tolist())
+        return combine(outs, order, topk_weights, t, k)

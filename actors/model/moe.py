@@ -1,0 +1,45 @@
+"""The MoE layer: gate → routed experts (local or expert-parallel) → + shared experts."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .experts import ExpertWeights, LocalExperts, RoutedExperts
+from .gate import NoAuxTCGate
+from .layers import DenseMLP
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of one layer, as seen by this rank (cumulative; the engine
+    takes differences over its sliding window)."""
+
+    def __init__(self, num_experts: int):
+        self.counts = torch.zeros(num_experts, dtype=torch.int64)
+
+    def record(self, topk_ids: torch.Tensor) -> None:
+        if topk_ids.numel():
+            self.counts += torch.bincount(topk_ids.flatten().cpu(), minlength=self.counts.numel())
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, first_expert: int = 0, num_local_experts: int | None = None):
+        super().__init__()
+        count = config.n_routed_experts if num_local_experts is None else num_local_experts
+        self.gate = NoAuxTCGate(config)
+        self.experts = ExpertWeights(first_expert, count, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            DenseMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self.routed: RoutedExperts = LocalExperts(self.experts)
+        self.load = ExpertLoad(config.n_routed_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, topk_weights = self.gate(x)
+        self.load.record(topk_ids)
+        out = self.routed(x, topk_ids, topk_weights).to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
