@@ -2,7 +2,12 @@
 workers (the sampler). Kept free of torch so both sides import it cheaply."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this temperature the sampler treats a request as greedy: dividing logits by a temperature
+# near zero overflows fp32 and turns the softmax into NaN (vLLM uses the same epsilon).
+SAMPLING_EPS = 1e-5
 
 
 class InvalidRequestError(ValueError):
@@ -31,25 +36,39 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Argmax decoding: temperature ~0, or top_k == 1 (sampling from one token is an argmax)."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
     def validate(self) -> "SamplingParams":
         """Raise InvalidRequestError naming the first bad field; return self for chaining."""
         def bad(name: str, msg: str) -> None:
             raise InvalidRequestError(name, msg)
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                bad(name, f"must be a number, got {value!r}")
+        if not is_int(self.max_tokens) or self.max_tokens <= 0:
             bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
             bad("temperature", f"must be >= 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1 or self.top_k == 0:
+        if not is_int(self.top_k) or self.top_k < -1 or self.top_k == 0:
             bad("top_k", f"must be -1 (disabled) or a positive integer, got {self.top_k!r}")
         if not (0.0 <= self.min_p <= 1.0):
             bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
-        if not (self.repetition_penalty > 0.0):
-            bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        if not (0.0 < self.repetition_penalty < float("inf")):
+            bad("repetition_penalty", f"must be finite and > 0, got {self.repetition_penalty!r}")
         if not (-2.0 <= self.presence_penalty <= 2.0):
             bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty!r}")
         if not (-2.0 <= self.frequency_penalty <= 2.0):
