@@ -17,6 +17,7 @@ from .config import ModelConfig
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
 from .rope import RotaryEmbedding
+from ..profiling import NULL_PROFILER, StepProfiler
 
 
 class DecoderLayer(nn.Module):
@@ -30,9 +31,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+        self.profiler = NULL_PROFILER
+
     def forward(self, x, batch, kv, rope, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), batch, kv, rope, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        with self.profiler.span("attention"):
+            x = x + self.self_attn(self.input_layernorm(x), batch, kv, rope, cos, sin)
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(self.post_attention_layernorm(x))
+        with self.profiler.span("dense_mlp"):
+            return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DeepseekV3Model(nn.Module):
@@ -47,6 +54,12 @@ class DeepseekV3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
+
+    def set_profiler(self, profiler: StepProfiler) -> None:
+        for layer in self.layers:
+            layer.profiler = profiler
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.set_profiler(profiler)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]

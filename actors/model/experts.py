@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..profiling import NULL_PROFILER
+
 
 class RoutedExperts(Protocol):
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -71,10 +73,12 @@ class LocalExperts:
 
     def __init__(self, weights: ExpertWeights):
         self.weights = weights
+        self.profiler = NULL_PROFILER
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         t, k = topk_ids.shape
-        local = topk_ids - self.weights.first
-        order, counts = permute_by_expert(local, self.weights.count)
-        outs = self.weights.grouped_ffn(x[order // k], counts.tolist())
-        return combine(outs, order, topk_weights, t, k)
+        with self.profiler.span("experts"):
+            local = topk_ids - self.weights.first
+            order, counts = permute_by_expert(local, self.weights.count)
+            outs = self.weights.grouped_ffn(x[order // k], counts.tolist())
+            return combine(outs, order, topk_weights, t, k)

@@ -8,6 +8,7 @@ from .config import ModelConfig
 from .experts import ExpertWeights, LocalExperts, RoutedExperts
 from .gate import NoAuxTCGate
 from .layers import DenseMLP
+from ..profiling import NULL_PROFILER, StepProfiler
 
 
 class ExpertLoad:
@@ -35,11 +36,19 @@ class MoE(nn.Module):
         )
         self.routed: RoutedExperts = LocalExperts(self.experts)
         self.load = ExpertLoad(config.n_routed_experts)
+        self.profiler = NULL_PROFILER
+
+    def set_profiler(self, profiler: StepProfiler) -> None:
+        self.profiler = profiler
+        if hasattr(self.routed, "profiler"):
+            self.routed.profiler = profiler
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_ids, topk_weights = self.gate(x)
-        self.load.record(topk_ids)
+        with self.profiler.span("gate"):
+            topk_ids, topk_weights = self.gate(x)
+            self.load.record(topk_ids)
         out = self.routed(x, topk_ids, topk_weights).to(x.dtype)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            with self.profiler.span("experts"):
+                out = out + self.shared_experts(x)
         return out

@@ -1,0 +1,89 @@
+"""The Ray actor that hosts one rank of an expert-parallel group: a thin shell around ModelWorker
+that forms the torch.distributed process group (NCCL on CUDA, gloo on CPU)."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .step import StepInput, StepOutput
+from .worker import ModelWorker, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+class RankFailure(RuntimeError):
+    """A rank raised inside a step; the message names the rank."""
+
+
+class RankActor:
+    """Use through `ray.remote(RankActor)`; kept a plain class so it can be tested without Ray."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.worker: ModelWorker | None = None
+        torch.set_num_threads(max(1, int(os.environ.get("EXPERTMESH_TORCH_THREADS", "1"))))
+
+    def node_address(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int, timeout_s: float) -> dict:
+        """Joins the process group (blocks until every rank has joined) and loads this rank's weights."""
+        group = None
+        if self.spec.ep_size > 1:
+            backend = "nccl" if self.spec.device.startswith("cuda") else "gloo"
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=self.spec.ep_rank,
+                world_size=self.spec.ep_size,
+                timeout=timedelta(seconds=timeout_s),
+            )
+            group = dist.group.WORLD
+        self.worker = ModelWorker(self.spec, group)
+        return {
+            "rank": self.spec.ep_rank,
+            "pid": os.getpid(),
+            "expert_range": list(self.worker.expert_range),
+            "routed_expert_params": self.worker.routed_expert_param_count(),
+            "read_tensor_names": sorted(self.worker.read_tensor_names),
+        }
+
+    def step(self, work: StepInput) -> StepOutput:
+        assert self.worker is not None, "setup() first"
+        try:
+            return self.worker.step(work)
+        except Exception as exc:  # surfaces as a clear, rank-naming error in the engine
+            log.exception("rank %d failed in a step", self.spec.ep_rank)
+            raise RankFailure(f"rank {self.spec.ep_rank} failed: {type(exc).__name__}: {exc}") from exc
+
+    def expert_load(self) -> list[list[int]]:
+        assert self.worker is not None
+        return self.worker.expert_load().tolist()
+
+    def inject_fault(self, message: str = "injected fault") -> None:
+        """Makes the next step raise (for failure tests and drills)."""
+        assert self.worker is not None
+        worker = self.worker
+        original = worker.step
+
+        def failing(work: StepInput) -> StepOutput:
+            worker.step = original
+            raise RuntimeError(message)
+
+        worker.step = failing
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,126 @@
+"""A rank worker: the model (with its shard of the experts), its KV cache and its requests' sampling
+state. A plain object — the Ray actor in rank_actor.py is a thin shell around it, and tests and the
+single-process engine drive it directly."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import MLAKVCache
+from .loader import CheckpointReader
+from .forward_batch import ForwardBatch
+from .model.config import ModelConfig
+from .model.deepseek_v3 import DeepseekV3Model, build_model
+from .profiling import StepProfiler
+from .sampler import Sampler, SamplingState
+from .step import SampledToken, StepInput, StepOutput
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class WorkerSpec:
+    checkpoint: str
+    dtype: str = "float32"
+    kv_slots: int = 4096  # slot buffer size, including the reserved slot 0
+    ep_rank: int = 0
+    ep_size: int = 1
+    device: str = "cpu"
+    progress: bool = False
+    seed: int = 0
+
+
+def expert_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
+    if n_experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide n_routed_experts={n_experts}")
+    per = n_experts // ep_size
+    return ep_rank * per, (ep_rank + 1) * per
+
+
+class ModelWorker:
+    def __init__(self, spec: WorkerSpec, process_group=None):
+        if spec.dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {spec.dtype!r}; choose one of {sorted(DTYPES)}")
+        self.spec = spec
+        self.rank = spec.ep_rank
+        self.device = torch.device(spec.device)
+        reader = CheckpointReader(spec.checkpoint, progress=spec.progress)
+        self.config: ModelConfig = reader.config
+        self.expert_range = expert_range(self.config.n_routed_experts, spec.ep_rank, spec.ep_size)
+        dtype = DTYPES[spec.dtype]
+        self.model: DeepseekV3Model = build_model(self.config, dtype, self.expert_range, self.device)
+        self.model.load_weights(reader.iter_weights(dtype, expert_filter=self.model.wants_expert))
+        self.read_tensor_names = set(reader.read_names)
+        if spec.ep_size > 1:
+            from .model.ep import ExpertParallelExperts
+
+            for moe in self.model.moe_layers():
+                moe.routed = ExpertParallelExperts(moe.experts, process_group, spec.ep_size, self.config.n_routed_experts)
+        self.profiler = StepProfiler()
+        self.model.set_profiler(self.profiler)
+        self.kv = MLAKVCache(self.config.num_hidden_layers, spec.kv_slots, self.config.kv_lora_rank,
+                             self.config.qk_rope_head_dim, dtype, self.device)
+        self.sampler = Sampler(seed=spec.seed)
+        self.states: dict[str, SamplingState] = {}
+        self.slots: dict[str, torch.Tensor] = {}
+        log.info("rank %d/%d ready: experts [%d, %d), %d KV slots", self.rank, spec.ep_size, *self.expert_range, spec.kv_slots)
+
+    # -- what tests and the engine ask about --------------------------------------------------
+    def routed_expert_param_count(self) -> int:
+        return sum(m.experts.w13.numel() + m.experts.w2.numel() for m in self.model.moe_layers())
+
+    def expert_load(self) -> torch.Tensor:
+        """[moe layers, experts] tokens routed from this rank's requests (cumulative)."""
+        return torch.stack([m.load.counts for m in self.model.moe_layers()]) if self.model.moe_layers() else torch.zeros(0)
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self, work: StepInput) -> StepOutput:
+        t0 = time.perf_counter()
+        self.profiler.reset()
+        for rid in work.released:
+            self.states.pop(rid, None)
+            self.slots.pop(rid, None)
+        for rid, slots in work.remap.items():
+            self.slots[rid] = torch.tensor(slots, dtype=torch.long)
+        for req in work.new_requests:
+            self.states[req.request_id] = SamplingState(req.sampling, list(req.prompt_token_ids), [])
+            self.slots[req.request_id] = torch.tensor(req.prefix_slots, dtype=torch.long)
+        batch = self._batch(work)
+        out = StepOutput(rank=self.rank)
+        hidden = self.model(batch, self.kv)
+        sample_rows = [i for i, s in enumerate(work.seqs) if s.sample]
+        if sample_rows:
+            with self.profiler.span("sample"):
+                last = batch.last_token_index()[sample_rows]
+                logits = self.model.logits(hidden[last])
+                states = [self.states[work.seqs[i].request_id] for i in sample_rows]
+                result = self.sampler(logits, states)
+            for j, i in enumerate(sample_rows):
+                lp = result.logprobs[j] if result.logprobs else None
+                out.sampled.append(SampledToken(work.seqs[i].request_id, result.token_ids[j],
+                                                lp.logprob if lp else None, lp.top if lp else None))
+        out.timings = self.profiler.timings()
+        out.timings.total = time.perf_counter() - t0
+        return out
+
+    def _batch(self, work: StepInput) -> ForwardBatch:
+        if not work.seqs:
+            return ForwardBatch.empty()
+        ids, pos, out_slots, lens, ctx = [], [], [], [], []
+        for s in work.seqs:
+            prev = self.slots[s.request_id]
+            new = torch.tensor(s.slots, dtype=torch.long)
+            full = torch.cat([prev, new])
+            self.slots[s.request_id] = full
+            ids += s.token_ids
+            pos += range(prev.numel(), full.numel())
+            out_slots.append(new)
+            lens.append(len(s.token_ids))
+            ctx.append(full.to(self.device))
+        return ForwardBatch(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
+                            torch.cat(out_slots).to(self.device), lens, ctx)

@@ -1,0 +1,187 @@
+"""Executors run one step on every rank of the engine's group and collect the results.
+
+`LocalExecutor`: one in-process ModelWorker (ep_size 1; no Ray). `RayGroupExecutor`: one
+RankActor per rank, gang-scheduled in a placement group, joined in a torch.distributed group;
+one Ray call per rank per step, awaited together. A rank that raises fails the step with an
+error naming it; the others fall out of their collective after `collective_timeout_s`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from expertmesh.actors.rank_actor import RankActor
+from expertmesh.actors.step import StepInput, StepOutput
+from expertmesh.actors.worker import ModelWorker, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+class GroupFailure(RuntimeError):
+    """A step failed on one or more ranks; the group must be rebuilt before it serves again."""
+
+
+class Executor(Protocol):
+    ep_size: int
+
+    def step(self, inputs: list[StepInput]) -> list[StepOutput]: ...
+    def expert_load(self) -> list[list[list[int]]]: ...
+    def describe(self) -> list[dict]: ...
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    def __init__(self, spec: WorkerSpec):
+        if spec.ep_size != 1:
+            raise ValueError("LocalExecutor runs ep_size 1; use RayGroupExecutor for expert parallelism")
+        self.ep_size = 1
+        self.worker = ModelWorker(spec)
+        self.info = [{"rank": 0, "expert_range": list(self.worker.expert_range),
+                      "routed_expert_params": self.worker.routed_expert_param_count(), "node": "local"}]
+
+    def step(self, inputs: list[StepInput]) -> list[StepOutput]:
+        return [self.worker.step(inputs[0])]
+
+    def expert_load(self) -> list[list[list[int]]]:
+        return [self.worker.expert_load().tolist()]
+
+    def describe(self) -> list[dict]:
+        return self.info
+
+    def shutdown(self) -> None:
+        pass
+
+
+@dataclass
+class PlacementSpec:
+    """How a group's ranks are placed: one bundle per rank."""
+
+    strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    cpus_per_rank: float = 1.0
+    gpus_per_rank: float = 0.0
+    custom_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"A100": 1}
+    # use an existing placement group (a Serve replica's) from this bundle index on
+    placement_group: object | None = None
+    first_bundle: int = 0
+
+    def bundle(self) -> dict[str, float]:
+        b: dict[str, float] = {"CPU": self.cpus_per_rank}
+        if self.gpus_per_rank:
+            b["GPU"] = self.gpus_per_rank
+        b.update(self.custom_resources)
+        return b
+
+
+class RayGroupExecutor:
+    def __init__(self, spec: WorkerSpec, placement: PlacementSpec, group_name: str | None = None,
+                 namespace: str = "expertmesh", collective_timeout_s: float = 60.0, step_timeout_s: float = 600.0):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.ep_size = spec.ep_size
+        self.group_name = group_name or f"group-{uuid.uuid4().hex[:8]}"
+        self.step_timeout_s = step_timeout_s
+        self._own_pg = placement.placement_group is None
+        if self._own_pg:
+            self.pg = placement_group([placement.bundle()] * spec.ep_size, strategy=placement.strategy,
+                                      name=f"expertmesh/{self.group_name}")
+            t0 = time.monotonic()
+            ray.get(self.pg.ready(), timeout=600)
+            log.info("placement group for %s ready in %.1fs", self.group_name, time.monotonic() - t0)
+        else:
+            self.pg = placement.placement_group
+        actor_cls = ray.remote(RankActor)
+        self.actors = []
+        for rank in range(spec.ep_size):
+            rank_spec = WorkerSpec(**{**spec.__dict__, "ep_rank": rank})
+            opts = dict(
+                name=f"expertmesh/{self.group_name}/rank-{rank}",
+                namespace=namespace,
+                num_cpus=placement.cpus_per_rank if self._own_pg else 0,
+                num_gpus=placement.gpus_per_rank,
+                resources=placement.custom_resources or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=placement.first_bundle + rank),
+                runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if placement.gpus_per_rank == 0 and _is_local() else None,
+            )
+            if not self._own_pg:
+                opts["num_cpus"] = placement.cpus_per_rank
+            self.actors.append(actor_cls.options(**opts).remote(rank_spec))
+        master = ray.get(self.actors[0].node_address.remote())
+        port = ray.get(self.actors[0].free_port.remote())
+        self.info = ray.get([a.setup.remote(master, port, collective_timeout_s) for a in self.actors], timeout=600)
+        nodes = ray.get([a.node_address.remote() for a in self.actors])
+        for i, n in zip(self.info, nodes):
+            i["node"] = n
+        self.failed: str | None = None
+        log.info("expert-parallel group %s: %d ranks on %s", self.group_name, self.ep_size, sorted(set(nodes)))
+
+    def step(self, inputs: list[StepInput]) -> list[StepOutput]:
+        import ray
+
+        if self.failed:
+            raise GroupFailure(f"group {self.group_name} is down: {self.failed}")
+        refs = [a.step.remote(inp) for a, inp in zip(self.actors, inputs)]
+        pending = list(refs)
+        deadline = time.monotonic() + self.step_timeout_s
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                self.failed = f"step timed out after {self.step_timeout_s}s"
+                raise GroupFailure(self.failed)
+            try:
+                ray.get(done[0])
+            except Exception as exc:  # the first failing rank names itself; the rest time out
+                self.failed = _rank_error(exc)
+                raise GroupFailure(f"group {self.group_name}: {self.failed}") from exc
+        return ray.get(refs)
+
+    def inject_fault(self, rank: int, message: str = "injected fault") -> None:
+        import ray
+
+        ray.get(self.actors[rank].inject_fault.remote(message))
+
+    def expert_load(self) -> list[list[list[int]]]:
+        import ray
+
+        return ray.get([a.expert_load.remote() for a in self.actors])
+
+    def describe(self) -> list[dict]:
+        return self.info
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already gone
+                pass
+        self.actors = []
+        if self._own_pg:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+
+
+def _rank_error(exc: Exception) -> str:
+    text = str(exc)
+    for line in text.splitlines()[::-1]:
+        if "rank " in line and "failed" in line:
+            return line.strip().split("RankFailure: ")[-1]
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+def _is_local() -> bool:
+    import ray
+
+    try:
+        return ray.util.get_node_ip_address() in ("127.0.0.1", "localhost")
+    except Exception:
+        return False

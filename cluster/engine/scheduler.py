@@ -1,0 +1,237 @@
+"""The scheduler: which requests run this step, on which data-parallel rank, with which KV slots.
+
+Continuous batching: every step carries one decode token per running request plus prefill chunks
+of admitted requests, under a per-rank token budget. Admission reserves KV for a request's whole
+life (uncached prompt + max_tokens, in pages), counting evictable cached prefixes as free, so a
+running request never runs out of KV and nothing is preempted; requests that do not fit queue.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.actors.step import NewRequest, SeqWork, StepInput
+
+from .prefix_cache import PrefixCache
+from .request import Request, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerConfig:
+    kv_tokens_per_rank: int = 8192
+    page_size: int = 16
+    prefix_cache: bool = True
+    max_running_requests: int = 64  # per rank
+    max_batch_tokens: int = 2048  # per rank per step
+    chunked_prefill_tokens: int = 512
+    max_waiting_requests: int = 1024
+
+
+@dataclass
+class ScheduledStep:
+    inputs: list[StepInput]  # one per rank
+    requests: list[Request]  # the requests in this step's batches
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, ep_size: int):
+        self.config = config
+        self.ep_size = ep_size
+        self.caches = [PrefixCache(config.kv_tokens_per_rank, config.page_size, config.prefix_cache)
+                       for _ in range(ep_size)]
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}  # insertion-ordered: admission order
+        self._released: list[list[str]] = [[] for _ in range(ep_size)]
+        self._remaps: list[dict[str, list[int]]] = [{} for _ in range(ep_size)]
+        self.reserved = [0] * ep_size  # KV slots promised to admitted requests but not allocated yet
+
+    # -- sizes --------------------------------------------------------------------------------
+    @property
+    def kv_buffer_slots(self) -> int:
+        return self.caches[0].buffer_slots
+
+    def capacity_tokens(self) -> int:
+        return self.caches[0].total_slots
+
+    def _pages(self, n: int) -> int:
+        p = self.config.page_size
+        return -(-n // p) * p
+
+    def lifetime_slots(self, prompt_len: int, max_tokens: int) -> int:
+        """Slots a request may hold at most: every context token but the last sampled one, plus a page of slack."""
+        return self._pages(prompt_len + max_tokens) + self.config.page_size
+
+    # -- queue ----------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def queue_full(self) -> bool:
+        return len(self.waiting) >= self.config.max_waiting_requests
+
+    def remove_waiting(self, req: Request) -> bool:
+        try:
+            self.waiting.remove(req)
+            return True
+        except ValueError:
+            return False
+
+    # -- one step -------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep:
+        inputs = [StepInput(released=self._released[r], remap=self._remaps[r]) for r in range(self.ep_size)]
+        self._released = [[] for _ in range(self.ep_size)]
+        self._remaps = [{} for _ in range(self.ep_size)]
+        budget = [self.config.max_batch_tokens] * self.ep_size
+        chosen: list[Request] = []
+        step = ScheduledStep(inputs, chosen)
+
+        # decode first: one token per running request that has sampled one
+        for req in self.running.values():
+            if req.prefilling or not req.output:
+                continue
+            slot = self._alloc(req, 1)
+            inputs[req.rank].seqs.append(SeqWork(req.request_id, [req.output[-1]], slot, sample=True))
+            budget[req.rank] -= 1
+            step.decode_tokens += 1
+            chosen.append(req)
+
+        # continue prefills already under way, then admit new requests (FCFS per rank)
+        for req in self.running.values():
+            if req.prefilling and budget[req.rank] > 0:
+                step.prefill_tokens += self._prefill_chunk(req, inputs[req.rank], budget)
+                chosen.append(req)
+        blocked: set[int] = set()
+        admitted: list[Request] = []
+        for req in list(self.waiting):
+            if len(blocked) == self.ep_size:
+                break
+            rank, match = self._choose_rank(req, blocked)
+            if rank is None:
+                continue
+            if not self._admit(req, rank, match, budget):
+                blocked.add(rank)
+                continue
+            admitted.append(req)
+            step.prefill_tokens += self._prefill_chunk(req, inputs[rank], budget)
+            chosen.append(req)
+        for req in admitted:
+            self.waiting.remove(req)
+        return step
+
+    def _choose_rank(self, req: Request, blocked: set[int]):
+        """The rank holding the longest cached prefix; ties go to the least busy rank."""
+        best = None
+        for rank, cache in enumerate(self.caches):
+            if rank in blocked:
+                continue
+            match = cache.match(req.prompt[:-1])
+            load = sum(1 for r in self.running.values() if r.rank == rank)
+            key = (match.length, -load, -rank)
+            if best is None or key > best[0]:
+                best = (key, rank, match)
+        return (None, None) if best is None else (best[1], best[2])
+
+    def _admit(self, req: Request, rank: int, match, budget: list[int]) -> bool:
+        cfg = self.config
+        running_here = sum(1 for r in self.running.values() if r.rank == rank)
+        if running_here >= cfg.max_running_requests or budget[rank] <= 0:
+            return False
+        cache = self.caches[rank]
+        need = self.lifetime_slots(len(req.prompt), req.params.max_tokens) - match.length
+        uncached = len(req.prompt) - match.length
+        cache.lock(match.handle)
+        free = cache.available_slots + cache.evictable_tokens - self.reserved[rank]
+        if free < need:
+            cache.unlock(match.handle)
+            return False
+        own = cache.alloc_for(match.slots, uncached)
+        if own is None:  # eviction could not free enough after all
+            cache.unlock(match.handle)
+            return False
+        req.rank, req.handle = rank, match.handle
+        req.slots = torch.cat([match.slots, own])
+        req.cached_tokens = req.computed = match.length
+        req.reserved = need - uncached
+        self.reserved[rank] += req.reserved
+        req.status = Status.RUNNING
+        req.admitted_at = time.monotonic()
+        self.running[req.request_id] = req
+        return True
+
+    def _prefill_chunk(self, req: Request, inp: StepInput, budget: list[int]) -> int:
+        n = min(req.remaining_prompt, budget[req.rank], self.config.chunked_prefill_tokens)
+        if n <= 0:
+            return 0
+        if not req.announced:
+            inp.new_requests.append(NewRequest(req.request_id, req.prompt, req.params,
+                                               req.slots[: req.computed].tolist()))
+            req.announced = True
+        a, b = req.computed, req.computed + n
+        last = b == len(req.prompt)
+        inp.seqs.append(SeqWork(req.request_id, req.prompt[a:b], req.slots[a:b].tolist(), sample=last))
+        budget[req.rank] -= n
+        return n
+
+    def _alloc(self, req: Request, n: int) -> list[int]:
+        cache = self.caches[req.rank]
+        new = cache.alloc_for(req.slots, n)
+        if new is None:  # admission reserved this; reaching here is a bookkeeping bug
+            raise RuntimeError(f"KV reservation violated for {req.request_id} on rank {req.rank}")
+        self.reserved[req.rank] -= n
+        req.reserved -= n
+        req.slots = torch.cat([req.slots, new])
+        return new.tolist()
+
+    # -- after the step ---------------------------------------------------------------------------
+    def advance(self, step: ScheduledStep) -> None:
+        """Mark this step's tokens computed; share finished prompts with later requests."""
+        for inp in step.inputs:
+            for seq in inp.seqs:
+                req = self.running.get(seq.request_id)
+                if req is None:
+                    continue
+                was_prefilling = req.prefilling
+                req.computed += len(seq.token_ids)
+                if was_prefilling and not req.prefilling:
+                    self._share_prompt(req)
+
+    def _share_prompt(self, req: Request) -> None:
+        """Insert a just-prefilled prompt into the radix cache so concurrent requests can hit it."""
+        cache = self.caches[req.rank]
+        if not cache.enabled:
+            return
+        before = req.slots
+        res = cache.cache_request(req.context_tokens(), req.slots, req.handle, finished=False)
+        req.handle, req.slots = res.handle, res.slots
+        if not torch.equal(before[: len(res.slots)], res.slots):
+            self._remaps[req.rank][req.request_id] = req.slots.tolist()
+
+    def finish(self, req: Request, cache_kv: bool = True) -> None:
+        """Frees (or caches) a running request's KV and forgets it. Safe to call once per request."""
+        if self.running.pop(req.request_id, None) is not None:
+            cache = self.caches[req.rank]
+            self.reserved[req.rank] -= req.reserved
+            req.reserved = 0
+            if cache_kv:
+                cache.cache_request(req.context_tokens(), req.slots, req.handle, finished=True)
+            else:
+                cache.release(req.slots, req.handle)
+            if req.announced:
+                self._released[req.rank].append(req.request_id)
+        else:
+            self.remove_waiting(req)
+        req.status = Status.FINISHED
+
+    # -- numbers --------------------------------------------------------------------------------
+    def kv_used(self) -> int:
+        return sum(c.used_slots - c.evictable_tokens for c in self.caches)
+
+    def kv_total(self) -> int:
+        return sum(c.total_slots for c in self.caches)
