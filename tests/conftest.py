@@ -1,0 +1,60 @@
+"""Shared pytest fixtures.
+
+Checkpoints: seeded random DeepSeek-V3 checkpoints written once per session (see
+expertmesh.cluster.checkpoints.make_checkpoint). Treat them as read-only: a test that damages a
+checkpoint clones it first (hard links for shards — unlink, never rewrite a linked file in place).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ---- checkpoints (cluster/checkpoints.py) ---------------------------------------------------
+
+TINY_FP8_OVERRIDES = {"hidden_size": 192, "moe_intermediate_size": 160}  # partial 128x128 blocks
+
+
+def _make_ckpt(factory: pytest.TempPathFactory, name: str, **kwargs) -> Path:
+    from expertmesh.cluster.checkpoints import make_checkpoint
+
+    return make_checkpoint(factory.mktemp(name), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny preset, bf16, seed 0: 3 layers (layer 0 dense), 16 experts top-4, hidden 64."""
+    return _make_ckpt(tmp_path_factory, "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny, FP8 e4m3 + 128x128 scale_inv, hidden 192 / moe_intermediate 160 (partial edge blocks).
+    transformers' own FP8 loading mis-dequantizes these: use load_hf_reference_model."""
+    return _make_ckpt(tmp_path_factory, "tiny_fp8", preset="tiny", fp8=True, seed=0, overrides=TINY_FP8_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_aligned_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny, FP8, default dims (every weight one block): transformers can load it natively and it
+    holds the same seed-0 weights as tiny_ckpt up to fp8 rounding."""
+    return _make_ckpt(tmp_path_factory, "tiny_fp8_aligned", preset="tiny", fp8=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_noqlora_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny with q_lora_rank null: attention uses q_proj instead of q_a_proj/q_b_proj."""
+    return _make_ckpt(tmp_path_factory, "tiny_noqlora", preset="tiny", seed=0, overrides={"q_lora_rank": None})
+
+
+@pytest.fixture(scope="session")
+def tiny_skewed_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny with an unbalanced gate: correction bias +1.0 on experts 0, 1, 2 (all in EP shard 0),
+    so every token picks them for 3 of its 4 slots."""
+    return _make_ckpt(tmp_path_factory, "tiny_skewed", preset="tiny", seed=0, gate_skew=1.0)
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """small preset (benchmarks), bf16: ~0.46 GB, ~6 s to write; only built when a test asks."""
+    return _make_ckpt(tmp_path_factory, "small", preset="small", seed=0)
