@@ -1,0 +1,223 @@
+"""The replica side of the router↔replica hop: expertmesh.v1.EngineService over an AsyncEngine.
+
+Each engine replica serves this on its own host:port (127.0.0.1:ephemeral locally) and registers
+that address with the replica registry. The router sends token ids and gets detokenized deltas
+back. A cancelled stream (router/client cancel, deadline) aborts the request in the engine, which
+frees its KV. A full waiting queue answers RESOURCE_EXHAUSTED so the router can try elsewhere; a
+draining replica answers UNAVAILABLE for the same reason.
+
+Also home of the proto <-> engine-type conversions, which the router shares.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
+from expertmesh.cluster.engine.types import EngineRequest, LoadInfo, RequestOutput
+from expertmesh.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
+
+if TYPE_CHECKING:  # the engine imports torch; this module must stay light for the router
+    from expertmesh.cluster.engine.async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+FINISH_TO_PROTO = {
+    None: generate_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": generate_pb2.FINISH_REASON_STOP,
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+    "abort": generate_pb2.FINISH_REASON_ABORT,
+    "error": generate_pb2.FINISH_REASON_ERROR,
+}
+FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
+
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+                      "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+# ---- conversions ------------------------------------------------------------------------------
+def sampling_from_proto(msg: generate_pb2.SamplingParams, defaults: SamplingParams | None = None,
+                        prefix: str = "") -> SamplingParams:
+    """Unset fields keep `defaults`; raises InvalidRequestError naming `prefix + field`."""
+    sp = SamplingParams(**vars(defaults)) if defaults is not None else SamplingParams()
+    for name in _OPTIONAL_SAMPLING:
+        if msg.HasField(name):
+            setattr(sp, name, getattr(msg, name))
+    sp.stop = list(msg.stop) or list(sp.stop)
+    sp.stop_token_ids = list(msg.stop_token_ids) or list(sp.stop_token_ids)
+    sp.ignore_eos = msg.ignore_eos or sp.ignore_eos
+    if msg.top_logprobs and not msg.return_logprobs:
+        raise InvalidRequestError(prefix + "top_logprobs", "needs return_logprobs set")
+    sp.logprobs = (msg.top_logprobs or 1) if msg.return_logprobs else 0
+    try:
+        return sp.validate()
+    except InvalidRequestError as exc:
+        name = "top_logprobs" if exc.field == "logprobs" else exc.field
+        raise InvalidRequestError(prefix + name, str(exc).split(": ", 1)[-1]) from None
+
+
+def sampling_to_proto(sp: SamplingParams) -> generate_pb2.SamplingParams:
+    msg = generate_pb2.SamplingParams(
+        max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+        min_p=sp.min_p, repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty, stop=sp.stop, stop_token_ids=sp.stop_token_ids,
+        ignore_eos=sp.ignore_eos, return_logprobs=sp.logprobs > 0, top_logprobs=sp.logprobs,
+    )
+    if sp.seed is not None:
+        msg.seed = sp.seed
+    return msg
+
+
+def output_to_proto(out: RequestOutput) -> engine_pb2.EngineGenerateResponse:
+    msg = engine_pb2.EngineGenerateResponse(
+        request_id=out.request_id, token_ids=out.token_ids, text=out.text, finished=out.finished,
+        finish_reason=FINISH_TO_PROTO.get(out.finish_reason, generate_pb2.FINISH_REASON_ERROR),
+        prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+        cached_tokens=out.cached_tokens, error=out.error or "",
+    )
+    for lp in out.logprobs or ():
+        msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
+                         top=[generate_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+    return msg
+
+
+def load_to_proto(load: LoadInfo, max_waiting: int = 0, healthy: bool = True) -> generate_pb2.ReplicaLoad:
+    return generate_pb2.ReplicaLoad(
+        replica_id=load.replica_id, healthy=healthy, running=load.running, waiting=load.waiting,
+        kv_used_tokens=load.kv_used_tokens, kv_total_tokens=load.kv_total_tokens, kv_usage=load.kv_usage,
+        cache_hit_rate=load.cache_hit_rate, prompt_tokens_total=load.prompt_tokens_total,
+        cached_tokens_total=load.cached_tokens_total, max_waiting=max_waiting,
+    )
+
+
+def model_info_from_engine(engine: Any) -> generate_pb2.ModelInfo:
+    cfg = engine.model_config
+    tok = getattr(engine, "tokenizer", None)
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    template = getattr(tok, "chat_template", None) or ""
+    return generate_pb2.ModelInfo(
+        id=engine.model_name, architecture="DeepseekV3ForCausalLM", vocab_size=cfg.vocab_size,
+        max_context_length=cfg.max_position_embeddings, num_hidden_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size, n_routed_experts=cfg.n_routed_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok, n_shared_experts=cfg.n_shared_experts,
+        dtype=str(cfg.torch_dtype), reasoning_model="<think>" in template,
+        eos_token_ids=[e for e in eos if e is not None],
+    )
+
+
+# ---- servicer ---------------------------------------------------------------------------------
+class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
+    def __init__(self, engine: "AsyncEngine", replica_id: str, max_waiting: int = 0,
+                 tokenizer_path: str = "") -> None:
+        self.engine = engine
+        self.replica_id = replica_id
+        self.max_waiting = max_waiting  # reported in GetLoad (the engine enforces it); 0: unlimited
+        self.tokenizer_path = tokenizer_path
+        self.draining = False
+
+    def _load(self) -> LoadInfo:
+        load = self.engine.load()
+        load.replica_id = load.replica_id or self.replica_id
+        return load
+
+    async def Generate(self, request: engine_pb2.EngineGenerateRequest,
+                       context: aio.ServicerContext) -> AsyncIterator[engine_pb2.EngineGenerateResponse]:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica_id} is draining")
+        try:
+            sampling = sampling_from_proto(request.sampling, prefix="sampling.")
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: must not be empty")
+        req = EngineRequest(request_id=request.request_id or uuid.uuid4().hex,
+                            prompt_token_ids=list(request.prompt_token_ids), sampling=sampling,
+                            trace_context=dict(request.trace_context) or None)
+        stream = self.engine.generate(req)
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield output_to_proto(out)
+                if finished:
+                    break
+        except InvalidRequestError as exc:
+            finished = True
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - every engine failure becomes a status, not UNKNOWN
+            from expertmesh.cluster.engine.engine import QueueFullError  # loaded already on a replica
+
+            if isinstance(exc, QueueFullError):
+                finished = True
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"replica {self.replica_id}: {exc}")
+            log.exception("request %s failed in the engine", req.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"engine error on {self.replica_id}: {exc}")
+        finally:
+            if not finished:  # cancelled by the caller or its deadline: free the request's KV
+                log.debug("request %s cancelled; aborting in the engine", req.request_id)
+                await asyncio.shield(self._abort_quietly(stream, req.request_id))
+
+    async def _abort_quietly(self, stream: Any, request_id: str) -> None:
+        try:
+            await stream.aclose()
+            await self.engine.abort(request_id)
+        except Exception:  # noqa: BLE001 - aborting an already-finished request must not raise out
+            log.exception("abort of %s failed", request_id)
+
+    async def Abort(self, request: engine_pb2.AbortRequest, context: aio.ServicerContext) -> engine_pb2.AbortResponse:
+        found = await self.engine.abort(request.request_id)
+        return engine_pb2.AbortResponse(found=bool(found))
+
+    async def GetLoad(self, request: engine_pb2.EngineLoadRequest, context: aio.ServicerContext) -> generate_pb2.ReplicaLoad:
+        return load_to_proto(self._load(), self.max_waiting, healthy=not self.draining)
+
+    async def Health(self, request: engine_pb2.HealthRequest, context: aio.ServicerContext) -> engine_pb2.HealthResponse:
+        return engine_pb2.HealthResponse(serving=not self.draining, replica_id=self.replica_id)
+
+    async def GetInfo(self, request: engine_pb2.EngineInfoRequest, context: aio.ServicerContext) -> engine_pb2.EngineInfo:
+        return engine_pb2.EngineInfo(replica_id=self.replica_id, model=model_info_from_engine(self.engine),
+                                     tokenizer_path=self.tokenizer_path, max_waiting=self.max_waiting)
+
+
+class EngineServer:
+    """Lifecycle of one replica's EngineService server (plus grpc.health.v1)."""
+
+    def __init__(self, engine: "AsyncEngine", host: str = "127.0.0.1", port: int = 0,
+                 replica_id: str | None = None, max_waiting: int = 0, tokenizer_path: str = "") -> None:
+        self.host, self.port = host, port
+        self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:8]}"
+        self.servicer = EngineServicer(engine, self.replica_id, max_waiting, tokenizer_path)
+        self.health = health.aio.HealthServicer()
+        self._server: aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> str:
+        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        engine_pb2_grpc.add_EngineServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+        await server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("expertmesh.v1.EngineService", health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        log.info("EngineService of %s serving on %s", self.replica_id, self.address)
+        return self.address
+
+    async def drain(self) -> None:
+        """Refuse new requests (the router retries them elsewhere); running ones continue."""
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None

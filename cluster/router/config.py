@@ -1,0 +1,50 @@
+"""The router's settings (the deployment YAML's `router:` section maps onto this)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from expertmesh.cluster.router.policies import CacheAwareConfig
+
+
+class CacheAwareSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cache_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    balance_abs_threshold: int = Field(64, ge=0)
+    balance_rel_threshold: float = Field(1.5, ge=1.0)
+    max_tree_tokens: int | None = Field(None, gt=0)
+
+    def to_policy_config(self) -> CacheAwareConfig:
+        return CacheAwareConfig(**self.model_dump())
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=0, le=65535)  # 0: an ephemeral port
+    http_port: int | None = Field(None, ge=0, le=65535)  # OpenAI-compatible HTTP; None: off
+    policy: Literal["cache_aware", "least_load", "round_robin"] = "cache_aware"
+    cache_aware: CacheAwareSettings = Field(default_factory=CacheAwareSettings)
+    # Static replica addresses ("host:port" or "id=host:port"); empty: the Ray ReplicaRegistry.
+    replicas: list[str] = Field(default_factory=list)
+    registry_poll_s: float = Field(1.0, gt=0)
+    probe_interval_s: float = Field(0.5, gt=0)
+    max_attempts: int = Field(3, ge=1)  # replicas tried per request before giving up
+    request_timeout_s: float | None = Field(None, gt=0)  # default deadline when the client sets none
+    auth_token: str | None = None  # bearer token for both APIs; None: auth off
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # set: clients need a certificate (mTLS)
+    tokenizer_path: str | None = None  # None: the path the first replica reports
+    startup_timeout_s: float = Field(60.0, gt=0)  # wait this long for a first replica
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "RouterConfig":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self

@@ -1,0 +1,123 @@
+"""Sending one prepared request to an engine replica and streaming its deltas back.
+
+The policy picks a replica; if that replica refuses before streaming anything (UNAVAILABLE: dead
+or draining; RESOURCE_EXHAUSTED: queue full) the request goes to the next choice among the
+replicas not yet tried. Once tokens have flowed, a failure ends the request (tokens cannot be
+taken back). Leaving the stream early — the client cancelled, the deadline passed — cancels the
+replica call, which aborts the request in the engine and frees its KV. DeepSeek-R1 reasoning is
+split from the answer here, so both front ends share it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+from grpc import aio
+
+from expertmesh.cluster.engine.grpc_service import FINISH_FROM_PROTO, sampling_to_proto
+from expertmesh.cluster.engine.reasoning import ReasoningParser
+from expertmesh.cluster.router.errors import RouterError
+from expertmesh.cluster.router.frontend import PreparedRequest
+from expertmesh.cluster.router.policies import RoutingPolicy
+from expertmesh.cluster.router.replicas import Replica, ReplicaSet
+from expertmesh.v1 import engine_pb2, generate_pb2
+
+log = logging.getLogger(__name__)
+
+RETRY_BEFORE_FIRST_TOKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@dataclass
+class Delta:
+    """One streamed step as both front ends need it."""
+
+    token_ids: list[int]
+    text: str  # answer text (all text when reasoning is not split)
+    reasoning: str
+    logprobs: list[generate_pb2.TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    replica_id: str = ""
+
+
+class Dispatcher:
+    def __init__(self, replicas: ReplicaSet, policy: RoutingPolicy, max_attempts: int = 3) -> None:
+        self.replicas = replicas
+        self.policy = policy
+        self.max_attempts = max_attempts
+
+    async def stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None = None,
+                     metadata: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[Delta]:
+        """Deltas of one request; raises RouterError. `timeout` is the time left for the whole call."""
+        parser = ReasoningParser(starts_in_reasoning=prepared.starts_in_reasoning) if prepared.split_reasoning else None
+        upstream = self._engine_stream(prepared, request_id, timeout, metadata)
+        async with aclosing(upstream):  # closing this stream must cancel the replica call now
+            async for msg, replica in upstream:
+                text, reasoning = msg.text, ""
+                finish = FINISH_FROM_PROTO.get(msg.finish_reason) if msg.finished else None
+                if msg.finished and msg.finish_reason == generate_pb2.FINISH_REASON_ERROR:
+                    raise RouterError(grpc.StatusCode.INTERNAL, f"engine error on {replica.replica_id}: {msg.error}")
+                if parser is not None:
+                    reasoning, text = parser.feed(text)
+                    if msg.finished:
+                        r, c = parser.finish()
+                        reasoning, text = reasoning + r, text + c
+                yield Delta(list(msg.token_ids), text, reasoning, list(msg.logprobs), finish,
+                            msg.prompt_tokens, msg.completion_tokens, msg.cached_tokens, replica.replica_id)
+
+    async def _engine_stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None,
+                             metadata: tuple[tuple[str, str], ...]):
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        request = engine_pb2.EngineGenerateRequest(request_id=request_id, prompt_token_ids=prepared.prompt_token_ids,
+                                                   sampling=sampling_to_proto(prepared.sampling))
+        tried: set[str] = set()
+        last_error: RouterError | None = None
+        for _ in range(self.max_attempts):
+            candidates = [r for r in self.replicas.available() if r.replica_id not in tried]
+            if not candidates:
+                break
+            replica: Replica = self.policy.select(prepared.prompt_token_ids, candidates)  # type: ignore[assignment]
+            tried.add(replica.replica_id)
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before a replica answered")
+            call = replica.stub.Generate(request, timeout=left, metadata=(("x-request-id", request_id), *metadata))
+            self.replicas.request_started(replica)
+            streamed = False
+            try:
+                async for msg in call:
+                    streamed = True
+                    yield msg, replica
+                return
+            except aio.AioRpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self.replicas.report_unavailable(replica, details)
+                if code in RETRY_BEFORE_FIRST_TOKEN and not streamed:
+                    log.info("request %s: replica %s refused (%s: %s); trying another", request_id,
+                             replica.replica_id, code.name, details)
+                    last_error = RouterError(code, details)
+                    continue
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    raise RouterError(code, f"replica {replica.replica_id} failed mid-stream: {details}") from None
+                raise RouterError(code, details) from None
+            finally:
+                call.cancel()  # no-op when done; otherwise aborts the request on the replica
+                self.replicas.request_ended(replica)
+        if last_error is not None:
+            if last_error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise RouterError(last_error.code, f"all replicas are at their queue limit ({last_error.message})")
+            raise last_error
+        raise RouterError(grpc.StatusCode.UNAVAILABLE, "no engine replica available")
+
+    async def load(self) -> generate_pb2.GetLoadResponse:
+        await self.replicas.probe_all()
+        reps = sorted(self.replicas.replicas.values(), key=lambda r: r.replica_id)
+        return generate_pb2.GetLoadResponse(replicas=[r.snapshot() for r in reps], policy=self.policy.name)

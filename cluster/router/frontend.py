@@ -1,0 +1,122 @@
+"""Turning client requests into engine requests: validation, chat template, tokenization.
+
+Runs in the router, shared by the gRPC and HTTP front ends, so replicas receive only token ids and
+the cache-aware policy can match prefixes on the same ids the replicas cache.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import grpc
+
+from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
+from expertmesh.cluster.engine.grpc_service import sampling_from_proto
+from expertmesh.cluster.engine.reasoning import THINK_START
+from expertmesh.cluster.router.errors import RouterError
+from expertmesh.v1 import generate_pb2
+
+log = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_MESSAGES = 4096
+
+
+@dataclass
+class PreparedRequest:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    split_reasoning: bool
+    starts_in_reasoning: bool  # the prompt already opened <think> (R1's template does)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class Frontend:
+    def __init__(self, tokenizer: Any, model_info: generate_pb2.ModelInfo) -> None:
+        self.tokenizer = tokenizer
+        self.info = model_info
+        self.model_name = model_info.id
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model and model != self.model_name:
+            raise RouterError(grpc.StatusCode.NOT_FOUND,
+                              f"model: {model!r} is not served here; available: {self.model_name!r}", "model")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]], field: str = "messages") -> str:
+        if not messages:
+            raise RouterError.invalid(field, "must contain at least one message")
+        if len(messages) > MAX_MESSAGES:
+            raise RouterError.invalid(field, f"at most {MAX_MESSAGES} messages")
+        for i, m in enumerate(messages):
+            if m.get("role") not in CHAT_ROLES:
+                raise RouterError.invalid(f"{field}[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
+            if not isinstance(m.get("content"), str):
+                raise RouterError.invalid(f"{field}[{i}].content", "must be a string")
+        if messages[-1]["role"] == "assistant":
+            raise RouterError.invalid(f"{field}[{len(messages) - 1}].role", "the last message must not be the assistant's")
+        return self.tokenizer.apply_chat_template([dict(role=m["role"], content=m["content"]) for m in messages],
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def check_prompt(self, ids: list[int], sampling: SamplingParams, max_tokens_given: bool,
+                     field: str, max_tokens_field: str = "sampling.max_tokens") -> None:
+        """Non-empty, in vocabulary, fits the context; an unset max_tokens shrinks to fit."""
+        if not ids:
+            raise RouterError.invalid(field, "must not be empty")
+        vocab = self.info.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RouterError.invalid(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
+        ctx = self.info.max_context_length
+        if len(ids) >= ctx:
+            raise RouterError.invalid(field, f"{len(ids)} prompt tokens; the model's context is {ctx} tokens")
+        room = ctx - len(ids)
+        if sampling.max_tokens > room:
+            if max_tokens_given:
+                raise RouterError.invalid(max_tokens_field, f"{len(ids)} prompt tokens + max_tokens "
+                                          f"{sampling.max_tokens} exceed the model's context of {ctx} tokens")
+            sampling.max_tokens = room
+
+    def starts_in_reasoning(self, ids: Sequence[int]) -> bool:
+        tail = self.tokenizer.decode(list(ids[-4:]), skip_special_tokens=False)
+        return tail.rstrip().endswith(THINK_START)
+
+    # ---- whole requests ----------------------------------------------------------------------
+    def _sampling(self, msg: generate_pb2.SamplingParams) -> SamplingParams:
+        try:
+            return sampling_from_proto(msg, prefix="sampling.")
+        except InvalidRequestError as exc:
+            raise RouterError.from_invalid_request(exc) from None
+
+    def prepare_generate(self, req: generate_pb2.GenerateRequest) -> PreparedRequest:
+        self.check_model(req.model)
+        sampling = self._sampling(req.sampling)
+        which = req.WhichOneof("prompt")
+        if which == "text":
+            ids, field = self.encode(req.text), "text"
+        elif which == "token_ids":
+            ids, field = list(req.token_ids.ids), "token_ids"
+        else:
+            raise RouterError.invalid("prompt", "set text or token_ids")
+        self.check_prompt(ids, sampling, req.sampling.HasField("max_tokens"), field)
+        split = req.separate_reasoning
+        return PreparedRequest(ids, sampling, split, split and self.starts_in_reasoning(ids))
+
+    def prepare_chat(self, req: generate_pb2.ChatRequest) -> PreparedRequest:
+        self.check_model(req.model)
+        sampling = self._sampling(req.sampling)
+        text = self.chat_prompt([{"role": m.role, "content": m.content} for m in req.messages])
+        ids = self.encode(text)
+        self.check_prompt(ids, sampling, req.sampling.HasField("max_tokens"), "messages")
+        split = not req.merge_reasoning
+        return PreparedRequest(ids, sampling, split, split and self.starts_in_reasoning(ids))

@@ -1,0 +1,180 @@
+"""How the router discovers engine replicas.
+
+On Ray, every engine replica registers its EngineService address with a small named actor
+(`ReplicaRegistry` in namespace "expertmesh") when it starts serving, and deregisters when Serve
+begins to drain it; the router polls the registry's version and re-syncs its replica set on change.
+A static list of addresses serves tests and development without Ray. Replicas that crash without
+deregistering are caught by the router's health probes at once and, when a TTL is set, dropped
+from the registry after they stop heart-beating.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from expertmesh.cluster.router.replicas import ReplicaEndpoint, ReplicaSet
+
+log = logging.getLogger(__name__)
+
+REGISTRY_NAME = "ReplicaRegistry"
+REGISTRY_NAMESPACE = "expertmesh"
+
+
+@dataclass
+class RegistryEntry:
+    replica_id: str
+    address: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    registered_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+
+
+class ReplicaRegistry:
+    """Replica id → address. A plain class so tests drive it without Ray; on Ray it runs as the
+    named actor made by `get_or_create_registry`. `version` changes on every membership change so
+    pollers can skip unchanged snapshots."""
+
+    def __init__(self, ttl_s: float | None = None) -> None:
+        self.ttl_s = ttl_s
+        self.version = 0
+        self._entries: dict[str, RegistryEntry] = {}
+
+    def register(self, replica_id: str, address: str, metadata: dict[str, str] | None = None) -> int:
+        current = self._entries.get(replica_id)
+        if current is not None and current.address == address:
+            current.last_seen = time.time()
+            current.metadata = dict(metadata or current.metadata)
+            return self.version
+        self._entries[replica_id] = RegistryEntry(replica_id, address, dict(metadata or {}))
+        self.version += 1
+        log.info("registered replica %s at %s (version %d)", replica_id, address, self.version)
+        return self.version
+
+    def heartbeat(self, replica_id: str) -> bool:
+        entry = self._entries.get(replica_id)
+        if entry is not None:
+            entry.last_seen = time.time()
+        return entry is not None
+
+    def deregister(self, replica_id: str) -> int:
+        if self._entries.pop(replica_id, None) is not None:
+            self.version += 1
+            log.info("deregistered replica %s (version %d)", replica_id, self.version)
+        return self.version
+
+    def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        self._expire()
+        return self.version, [asdict(e) for e in self._entries.values()]
+
+    def _expire(self) -> None:
+        if self.ttl_s is None:
+            return
+        now = time.time()
+        for rid, entry in list(self._entries.items()):
+            if now - entry.last_seen > self.ttl_s:
+                log.warning("replica %s missed heartbeats for %.0f s; dropped", rid, now - entry.last_seen)
+                self.deregister(rid)
+
+
+def get_or_create_registry(ttl_s: float | None = None, detached: bool = False):
+    """The cluster's registry actor (created on first use). Needs `ray.init` done."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ReplicaRegistry)
+    options: dict[str, Any] = dict(name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True)
+    if detached:
+        options["lifetime"] = "detached"
+    return actor_cls.options(**options).remote(ttl_s)
+
+
+def get_registry():
+    """The existing registry actor; raises ValueError when none runs."""
+    import ray
+
+    return ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
+
+
+class ReplicaSource(Protocol):
+    async def snapshot(self) -> tuple[int, list[ReplicaEndpoint]]:
+        """(version, endpoints); the version changes whenever the membership does."""
+        ...
+
+
+def parse_static(spec: str) -> ReplicaEndpoint:
+    """"host:port" or "id=host:port"."""
+    rid, sep, address = spec.partition("=")
+    if not sep:
+        rid, address = spec, spec
+    if ":" not in address:
+        raise ValueError(f"replicas: {spec!r} is not host:port or id=host:port")
+    return ReplicaEndpoint(rid.strip(), address.strip())
+
+
+class StaticReplicaSource:
+    """A fixed list (tests, dev); `set()` swaps it, as an autoscaler would."""
+
+    def __init__(self, endpoints: list[ReplicaEndpoint | str]) -> None:
+        self.version = 0
+        self.endpoints: list[ReplicaEndpoint] = []
+        self.set(endpoints)
+
+    def set(self, endpoints: list[ReplicaEndpoint | str]) -> None:
+        self.endpoints = [e if isinstance(e, ReplicaEndpoint) else parse_static(e) for e in endpoints]
+        self.version += 1
+
+    async def snapshot(self) -> tuple[int, list[ReplicaEndpoint]]:
+        return self.version, list(self.endpoints)
+
+
+class RayRegistrySource:
+    """Reads the named ReplicaRegistry actor."""
+
+    def __init__(self, handle: Any = None) -> None:
+        self._handle = handle
+
+    async def snapshot(self) -> tuple[int, list[ReplicaEndpoint]]:
+        if self._handle is None:
+            self._handle = get_registry()
+        version, entries = await self._handle.snapshot.remote()
+        return version, [ReplicaEndpoint(e["replica_id"], e["address"], e.get("metadata") or {}) for e in entries]
+
+
+class RegistryWatcher:
+    """Keeps a ReplicaSet in step with a ReplicaSource by polling it."""
+
+    def __init__(self, source: ReplicaSource, replicas: ReplicaSet, interval_s: float = 1.0) -> None:
+        self.source, self.replicas, self.interval_s = source, replicas, interval_s
+        self._version: int | None = None
+        self._task: asyncio.Task | None = None
+
+    async def poll_once(self) -> None:
+        version, endpoints = await self.source.snapshot()
+        if version != self._version:
+            self._version = version
+            self.replicas.sync(endpoints)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep the last known set; the registry may restart
+                log.warning("replica registry poll failed: %r", exc)
+
+    async def start(self) -> None:
+        await self.poll_once()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
