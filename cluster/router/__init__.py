@@ -1,0 +1,7 @@
+"""The router: the public gRPC API (expertmesh.v1.Generation) and the OpenAI-compatible HTTP API in
+front of the engine replicas, which it discovers through a registry and picks with a routing policy.
+
+One role per module: server (gRPC servicer and lifecycle), openai_http, frontend (validation, chat
+template, tokens), dispatcher (replica call, retries, reasoning split), policies, replicas,
+registry, auth, client and client_cli.
+"""
