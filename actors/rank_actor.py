@@ -33,6 +33,11 @@ class RankActor:
 
         return ray.util.get_node_ip_address()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def free_port(self) -> int:
         with socket.socket() as s:
             s.bind(("", 0))

@@ -58,3 +58,31 @@ def tiny_skewed_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """small preset (benchmarks), bf16: ~0.46 GB, ~6 s to write; only built when a test asks."""
     return _make_ckpt(tmp_path_factory, "small", preset="small", seed=0)
+
+
+# ---- Ray: one cluster per test session ----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A 3-node Ray cluster on 127.0.0.1 (ray.cluster_utils.Cluster): a head with 3 CPUs and two
+    workers with 1 CPU and fake GPUs `{"A100": 2}` each. Every Ray test shares it (ray.init costs
+    seconds; one cluster per session keeps the suite inside its budget)."""
+    import os
+
+    from expertmesh.cluster.ray_cluster import local_env
+
+    local_env()
+    import tempfile
+
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="em-ray-", dir="/tmp"))  # short: socket paths
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"A100": 2})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="expertmesh")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -101,24 +101,24 @@ class RayGroupExecutor:
             opts = dict(
                 name=f"expertmesh/{self.group_name}/rank-{rank}",
                 namespace=namespace,
-                num_cpus=placement.cpus_per_rank if self._own_pg else 0,
+                num_cpus=placement.cpus_per_rank,
                 num_gpus=placement.gpus_per_rank,
                 resources=placement.custom_resources or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=placement.first_bundle + rank),
                 runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if placement.gpus_per_rank == 0 and _is_local() else None,
             )
-            if not self._own_pg:
-                opts["num_cpus"] = placement.cpus_per_rank
             self.actors.append(actor_cls.options(**opts).remote(rank_spec))
         master = ray.get(self.actors[0].node_address.remote())
         port = ray.get(self.actors[0].free_port.remote())
         self.info = ray.get([a.setup.remote(master, port, collective_timeout_s) for a in self.actors], timeout=600)
         nodes = ray.get([a.node_address.remote() for a in self.actors])
-        for i, n in zip(self.info, nodes):
-            i["node"] = n
+        node_ids = ray.get([a.node_id.remote() for a in self.actors])
+        for i, n, nid in zip(self.info, nodes, node_ids):
+            i["node"], i["node_id"] = n, nid
+            i["actor_name"] = f"expertmesh/{self.group_name}/rank-{i['rank']}"
         self.failed: str | None = None
-        log.info("expert-parallel group %s: %d ranks on %s", self.group_name, self.ep_size, sorted(set(nodes)))
+        log.info("expert-parallel group %s: %d ranks on nodes %s", self.group_name, self.ep_size, sorted(set(node_ids)))
 
     def step(self, inputs: list[StepInput]) -> list[StepOutput]:
         import ray
