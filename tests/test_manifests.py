@@ -359,3 +359,33 @@ def test_cli_render_refuses_bad_config(tmp_path: Path, capsys: pytest.CaptureFix
     bad.write_text((CONFIGS / "demo.yaml").read_text().replace("ep_size: 2", "ep_size: 5"))
     assert manifests_main(["render", str(bad)]) == 2
     assert "parallel.ep_size" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the images the manifests name
+
+
+def test_dockerfile_builds_the_images_the_manifests_use() -> None:
+    import re
+
+    import ray
+
+    from expertmesh.cluster import manifests
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-cpu AS cpu$", dockerfile, re.M)
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-cu128 AS cuda$", dockerfile, re.M)
+    assert f"ARG RAY_VERSION={manifests.RAY_VERSION}" in dockerfile and ray.__version__ == manifests.RAY_VERSION
+    for ref in re.findall(r"(requirements/[\w.-]+\.txt)", dockerfile):
+        assert (REPO / ref).is_file(), ref
+    # the CPU image bakes the demo's checkpoint where the CPU profiles point the config
+    demo = load_config(CONFIGS / "demo.yaml")
+    gen = demo.model.generate_if_missing
+    assert gen is not None and not gen.fp8
+    baked = f"expertmesh make-checkpoint {PROFILES['base'].model_dir}/{demo.model.checkpoint.name} --preset {gen.preset} --seed {gen.seed}"
+    assert baked in dockerfile
+    images = {p.image for p in PROFILES.values()}
+    assert images == {manifests.CPU_IMAGE, manifests.CUDA_IMAGE}
+    for folder in RENDERED_AS:
+        for doc in yaml.safe_load_all(kustomize(MANIFESTS / folder)):
+            for image in re.findall(r"image: (\S+)", yaml.safe_dump(doc)):
+                assert image in images, (folder, image)
