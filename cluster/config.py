@@ -294,17 +294,20 @@ class DeployConfig(_Section):
 # ---------------------------------------------------------------- YAML with line numbers
 
 
-def _index_lines(node: yaml.Node, prefix: Loc, out: dict[Loc, int]) -> None:
+def _index_lines(node: yaml.Node, prefix: Loc, out: dict[Loc, int], dups: list[tuple[Loc, int, int]]) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
             loc = prefix + (key,)
-            out[loc] = key_node.start_mark.line + 1
-            _index_lines(value_node, loc, out)
+            line = key_node.start_mark.line + 1
+            if loc in out:
+                dups.append((loc, line, out[loc]))  # YAML would silently keep the last one
+            out[loc] = line
+            _index_lines(value_node, loc, out, dups)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[prefix + (i,)] = item.start_mark.line + 1
-            _index_lines(item, prefix + (i,), out)
+            _index_lines(item, prefix + (i,), out, dups)
 
 
 def load_yaml_with_lines(text: str, source: str | None = None) -> tuple[Any, dict[Loc, int]]:
@@ -322,7 +325,10 @@ def load_yaml_with_lines(text: str, source: str | None = None) -> tuple[Any, dic
     finally:
         loader.dispose()
     lines: dict[Loc, int] = {(): node.start_mark.line + 1}
-    _index_lines(node, (), lines)
+    dups: list[tuple[Loc, int, int]] = []
+    _index_lines(node, (), lines, dups)
+    if dups:
+        raise ConfigError([(_dotted(loc), line, f"duplicate key (also on line {first})") for loc, line, first in dups], source)
     return data, lines
 
 

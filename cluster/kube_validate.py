@@ -588,12 +588,37 @@ def validate_documents(docs: Iterable[Any], *, crds: CRDSchemas | None = None, s
     return problems
 
 
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys (strict field validation refuses them;
+    plain YAML would silently keep the last value)."""
+
+    duplicates: list[tuple[int, str]]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                self.duplicates.append((key_node.start_mark.line + 1, str(key)))
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def validate_yaml(text: str, *, crds: CRDSchemas | None = None, source: str = "") -> list[Problem]:
+    loader = _DuplicateKeyLoader(text)
+    loader.duplicates = []
     try:
-        docs = list(yaml.safe_load_all(text))
+        docs = []
+        while loader.check_data():
+            docs.append(loader.get_data())
     except yaml.YAMLError as exc:
         return [Problem(source, "", f"not valid YAML: {exc}")]
-    return validate_documents(docs, crds=crds, source=source)
+    finally:
+        loader.dispose()
+    problems = [Problem(source, f"line {line}", f'duplicate field "{key}"') for line, key in loader.duplicates]
+    return problems + validate_documents(docs, crds=crds, source=source)
 
 
 def validate_file(path: str | Path, *, crds: CRDSchemas | None = None) -> list[Problem]:

@@ -162,6 +162,11 @@ def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
     assert "not valid YAML" in str(err) and "cfg.yaml:" in str(err)
 
 
+def test_duplicate_key_is_refused(tmp_path: Path) -> None:
+    err = refused(tmp_path, BASE + "  max_replicas: 4\n")
+    assert err.keys == ["autoscaling.max_replicas"] and "cfg.yaml:10" in str(err) and "line 9" in str(err)
+
+
 def test_yaml_line_index() -> None:
     _, lines = load_yaml_with_lines("a:\n  b: 1\n  c:\n    - x\n    - y: 2\n")
     assert lines[("a", "b")] == 2 and lines[("a", "c", 1)] == 5 and lines[("a", "c", 1, "y")] == 5

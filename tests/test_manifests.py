@@ -354,6 +354,12 @@ def test_cli_render_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert serve["applications"][0]["args"]["config"]["parallel"]["ep_size"] == 2
 
 
+def test_duplicate_field_is_refused(crds: kv.CRDSchemas) -> None:
+    text = (MANIFESTS / "base" / "router-service.yaml").read_text().replace("  type: ClusterIP\n", "  type: ClusterIP\n  type: NodePort\n")
+    problems = [str(p) for p in kv.validate_yaml(text, crds=crds)]
+    assert any('duplicate field "type"' in p for p in problems), problems
+
+
 def test_cli_render_refuses_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text((CONFIGS / "demo.yaml").read_text().replace("ep_size: 2", "ep_size: 5"))
@@ -389,3 +395,35 @@ def test_dockerfile_builds_the_images_the_manifests_use() -> None:
         for doc in yaml.safe_load_all(kustomize(MANIFESTS / folder)):
             for image in re.findall(r"image: (\S+)", yaml.safe_dump(doc)):
                 assert image in images, (folder, image)
+
+
+def test_schema_extensions_on_a_small_schema() -> None:
+    """set/map list types, int-or-string, preserve-unknown-fields and defaults, on a toy schema."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}, "x-kubernetes-list-type": "set"},
+            "ports": {
+                "type": "array",
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["port", "protocol"],
+                "items": {"type": "object", "required": ["port"], "properties": {
+                    "port": {"type": "integer"}, "protocol": {"type": "string", "default": "TCP"},
+                    "target": {"x-kubernetes-int-or-string": True},
+                }},
+            },
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
+        },
+    }
+    obj = kv.apply_defaults(schema, {"tags": ["a", "b", "a"], "ports": [{"port": 1}, {"port": 1, "protocol": "TCP"}],
+                                     "free": {"anything": 1}})
+    assert obj["ports"][0]["protocol"] == "TCP"
+    errors = kv._list_type_errors(schema, obj)
+    assert ("tags[2]", "Duplicate value: 'a'") in errors
+    assert any(path == "ports[1]" and "Duplicate value" in msg for path, msg in errors)
+    strict = kv.strict_schema(schema)
+    assert strict["additionalProperties"] is False and "additionalProperties" not in strict["properties"]["free"]
+    assert strict["properties"]["ports"]["items"]["properties"]["target"]["anyOf"] == [{"type": "integer"}, {"type": "string"}]
+    assert kv._schema_errors("toy", schema, {"ports": [{"port": 1, "target": "http"}, {"port": 2, "target": 80}]}) == []
+    assert kv._schema_errors("toy", schema, {"ports": [{"port": 1, "target": [80]}]})
+    assert kv._schema_errors("toy", schema, {"typo": 1}) == [("typo", 'unknown field "typo"')]
