@@ -202,3 +202,11 @@ def test_r1_memory_arithmetic_matches_config() -> None:
     kv_gib = cfg.kv_cache.tokens_per_rank * kv_bytes_per_token / 2**30
     assert 29.5 < kv_gib < 30.5
     assert 256 % cfg.parallel.ep_size == 0 and cfg.parallel.ep_size == 32
+
+
+def test_preset_expert_counts_match_the_generator() -> None:
+    """config.py keeps its own copy (no torch import to load a config); it must not drift."""
+    from expertmesh.cluster.checkpoints import PRESETS
+    from expertmesh.cluster.config import PRESET_ROUTED_EXPERTS
+
+    assert PRESET_ROUTED_EXPERTS == {name: p["n_routed_experts"] for name, p in PRESETS.items()}
