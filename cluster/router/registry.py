@@ -79,22 +79,71 @@ class ReplicaRegistry:
                 self.deregister(rid)
 
 
-def get_or_create_registry(ttl_s: float | None = None, detached: bool = False):
-    """The cluster's registry actor (created on first use). Needs `ray.init` done."""
+def get_or_create_registry(ttl_s: float | None = None, detached: bool = False, name: str = REGISTRY_NAME):
+    """The cluster's registry actor (created on first use). Needs `ray.init` done. It restarts if
+    it dies; replicas then re-register on their next heartbeat (see RegistryClient)."""
     import ray
 
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ReplicaRegistry)
-    options: dict[str, Any] = dict(name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, get_if_exists=True)
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ReplicaRegistry)
+    options: dict[str, Any] = dict(name=name, namespace=REGISTRY_NAMESPACE, get_if_exists=True)
     if detached:
         options["lifetime"] = "detached"
     return actor_cls.options(**options).remote(ttl_s)
 
 
-def get_registry():
+def get_registry(name: str = REGISTRY_NAME):
     """The existing registry actor; raises ValueError when none runs."""
     import ray
 
-    return ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
+    return ray.get_actor(name, namespace=REGISTRY_NAMESPACE)
+
+
+class RegistryClient:
+    """The replica side: registers this replica's EngineService address, heart-beats (re-registering
+    if the registry restarted and forgot it), and deregisters when the replica starts draining."""
+
+    def __init__(self, replica_id: str, address: str, metadata: dict[str, str] | None = None,
+                 heartbeat_s: float = 5.0, handle: Any = None, name: str = REGISTRY_NAME) -> None:
+        self.replica_id, self.address, self.metadata = replica_id, address, dict(metadata or {})
+        self.heartbeat_s = heartbeat_s
+        self._handle, self._name = handle, name
+        self._task: asyncio.Task | None = None
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            self._handle = get_or_create_registry(name=self._name)
+        return self._handle
+
+    async def register(self) -> None:
+        await self.handle.register.remote(self.replica_id, self.address, self.metadata)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                if not await self.handle.heartbeat.remote(self.replica_id):
+                    log.warning("registry forgot replica %s; registering again", self.replica_id)
+                    await self.register()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the registry may be restarting
+                log.warning("registry heartbeat of %s failed: %r", self.replica_id, exc)
+
+    async def start(self) -> None:
+        await self.register()
+        self._task = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self, deregister: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if deregister:
+            await self.handle.deregister.remote(self.replica_id)
 
 
 class ReplicaSource(Protocol):
@@ -132,12 +181,12 @@ class StaticReplicaSource:
 class RayRegistrySource:
     """Reads the named ReplicaRegistry actor."""
 
-    def __init__(self, handle: Any = None) -> None:
-        self._handle = handle
+    def __init__(self, handle: Any = None, name: str = REGISTRY_NAME) -> None:
+        self._handle, self._name = handle, name
 
     async def snapshot(self) -> tuple[int, list[ReplicaEndpoint]]:
         if self._handle is None:
-            self._handle = get_registry()
+            self._handle = get_or_create_registry(name=self._name)
         version, entries = await self._handle.snapshot.remote()
         return version, [ReplicaEndpoint(e["replica_id"], e["address"], e.get("metadata") or {}) for e in entries]
 

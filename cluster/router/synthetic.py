@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 class SyntheticEngine:
     def __init__(self, checkpoint: str | Path, token_interval_s: float = 0.0, kv_total: int = 65536,
                  max_running: int = 256, tokenizer: Any = None, word: str = " hello",
-                 script: str | None = None) -> None:
-        """Emits `word` max_tokens times, or, with `script`, the script's tokens (detokenized as the
-        engine does) and then stops as at EOS."""
+                 script: str | list[int] | None = None) -> None:
+        """Emits `word` max_tokens times, or, with `script` (text or token ids), the script's tokens
+        (detokenized as the engine does) and then stops as at EOS."""
         from expertmesh.cluster.router.frontend import load_tokenizer
 
         self.checkpoint = str(checkpoint)
@@ -42,7 +42,9 @@ class SyntheticEngine:
         self.prompt_tokens_total = 0
         ids = self.tokenizer.encode(word, add_special_tokens=False)
         self._token = (ids[0], self.tokenizer.decode(ids[:1]))
-        self.script_ids = self.tokenizer.encode(script, add_special_tokens=False) if script else None
+        if isinstance(script, str):
+            script = self.tokenizer.encode(script, add_special_tokens=False)
+        self.script_ids: list[int] | None = list(script) if script else None
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[RequestOutput]:
         sp = req.sampling.validate()
