@@ -173,12 +173,22 @@ def _add_optional_commands(sub) -> None:
 
         sp.set_defaults(func=run)
 
-    passthrough("chat", "expertmesh.cluster.router.client", "chat_main", "interactive streaming chat with a router")
-    passthrough("client", "expertmesh.cluster.router.client", "client_main", "gRPC client commands (generate)")
+    passthrough("chat", "expertmesh.cluster.router.client_cli", "chat_main", "interactive streaming chat with a router")
+    passthrough("client", "expertmesh.cluster.cli", "client_main", "gRPC client commands: generate")
     passthrough("manifests", "expertmesh.cluster.manifests", "manifests_main", "render/validate KubeRay manifests")
     passthrough("up", "expertmesh.cluster.serve.main", "up_main", "start the Serve application")
     passthrough("status", "expertmesh.cluster.serve.main", "status_main", "show replicas, ranks, queues, KV, expert load")
     passthrough("down", "expertmesh.cluster.serve.main", "down_main", "stop the Serve application")
+
+
+def client_main(argv: list[str]) -> int:
+    """`expertmesh client generate ...` (the verb leaves room for more client commands)."""
+    from expertmesh.cluster.router.client_cli import client_generate_main
+
+    if not argv or argv[0] != "generate":
+        print("usage: expertmesh client generate --address HOST:PORT --prompt TEXT [...]", file=sys.stderr)
+        return 2
+    return client_generate_main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:

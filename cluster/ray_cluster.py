@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,15 @@ def local_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def token_auth_env() -> None:
+    """Ray 2.60 turns token auth on by default; a driver joining a cluster sends the token only with
+    RAY_AUTH_MODE=token. Set it when a token is at hand and the caller chose nothing else."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, namespace: str = "expertmesh",
             include_dashboard: bool = False, **kwargs) -> None:
     """ray.init for expertmesh: join `address` if given, else start a local loopback-only cluster."""
@@ -29,6 +39,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
     if ray.is_initialized():
         return
     if address:
+        token_auth_env()
         ray.init(address=address, namespace=namespace, **kwargs)
         log.info("joined Ray cluster at %s", address)
         return

@@ -20,12 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[Engine], None] | None = None):
+    def __init__(self, engine: Engine, on_step: Callable[[Engine, list[RequestOutput]], None] | None = None,
+                 tracer=None, trace_decode_every: int = 16):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.model_config = engine.model_config
         self.on_step = on_step  # telemetry hook, called on the engine thread after each step
+        self.tracer = tracer  # OpenTelemetry tracer: engine-side spans for requests carrying a trace context
+        self.trace_decode_every = trace_decode_every
         self._lock = threading.Lock()
         self._adds: deque[tuple[EngineRequest, asyncio.AbstractEventLoop, asyncio.Queue]] = deque()
         self._aborts: deque[str] = deque()
@@ -49,6 +52,7 @@ class AsyncEngine:
             self._queues[req.request_id] = (loop, queue)
             self._adds.append((req, loop, queue))
         self._wake.set()
+        trace = self._trace(req)
         finished = False
         try:
             while True:
@@ -56,6 +60,12 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                if trace is not None:
+                    m = item.metrics
+                    trace.on_delta(len(item.token_ids), m.queue_time_s if m else None, item.cached_tokens,
+                                   item.prompt_tokens)
+                    if item.finished:
+                        trace.finish(item.finish_reason, item.completion_tokens)
                 yield item
                 if item.finished:
                     finished = True
@@ -63,6 +73,18 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._abort_nowait(req.request_id)
+                if trace is not None:
+                    trace.finish("abort", 0)
+
+    def _trace(self, req: EngineRequest):
+        if self.tracer is None or not req.trace_context:
+            return None
+        from expertmesh.cluster.telemetry.tracing import RequestTrace, context_from_metadata
+
+        trace = RequestTrace(self.tracer, context_from_metadata(req.trace_context.items()), req.request_id,
+                             self.trace_decode_every, arrival=req.arrival_time)
+        trace.start()
+        return trace
 
     async def abort(self, request_id: str) -> None:
         self._abort_nowait(request_id)
@@ -145,6 +167,6 @@ class AsyncEngine:
                 self._deliver(out.request_id, out)
             if self.on_step is not None:
                 try:
-                    self.on_step(self.engine)
+                    self.on_step(self.engine, outs)
                 except Exception:
                     log.exception("on_step hook failed")

@@ -205,7 +205,7 @@ class Engine:
             finish_reason=r.finish_reason if r.finished else None, prompt_tokens=len(r.prompt),
             completion_tokens=len(r.output), cached_tokens=r.cached_tokens,
             logprobs=r.pending_logprobs or None, error=r.error,
-            metrics=r.metrics() if r.finished else None,
+            metrics=r.metrics() if r.finished or (r.pending_ids and len(r.output) == len(r.pending_ids)) else None,
         )
         r.pending_ids, r.pending_text, r.pending_logprobs = [], "", []
         return out

@@ -1,0 +1,106 @@
+"""Engine metrics through ray.util.metrics, so they reach the Ray dashboard's Prometheus/Grafana.
+
+Ray exports each metric with a `ray_` prefix (e.g. `ray_expertmesh_time_to_first_token_seconds`).
+One `EngineMetrics` per engine replica; it is fed from the engine thread after every step (gauges,
+per-step timings, expert load) and for every finished request (latency histograms, counters).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from expertmesh.cluster.engine.types import RequestOutput
+
+if TYPE_CHECKING:
+    from expertmesh.cluster.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+STEP_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]
+
+METRIC_NAMES = (
+    "expertmesh_requests_total", "expertmesh_time_to_first_token_seconds", "expertmesh_inter_token_latency_seconds",
+    "expertmesh_request_latency_seconds", "expertmesh_prompt_tokens_total", "expertmesh_generation_tokens_total",
+    "expertmesh_cached_prompt_tokens_total", "expertmesh_queue_depth", "expertmesh_running_requests",
+    "expertmesh_kv_usage_ratio", "expertmesh_prefix_cache_hit_ratio", "expertmesh_expert_tokens_total",
+    "expertmesh_alltoall_seconds", "expertmesh_step_seconds",
+)
+
+
+class EngineMetrics:
+    def __init__(self, replica_id: str, model: str):
+        from ray.util import metrics as m
+
+        self.tags = {"replica": replica_id, "model": model}
+        keys = ("replica", "model")
+        self.requests = m.Counter("expertmesh_requests_total", "Finished requests by finish status",
+                                  tag_keys=keys + ("status",))
+        self.ttft = m.Histogram("expertmesh_time_to_first_token_seconds", "Time to first token",
+                                boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.itl = m.Histogram("expertmesh_inter_token_latency_seconds", "Mean inter-token latency per request",
+                               boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.e2e = m.Histogram("expertmesh_request_latency_seconds", "End-to-end request latency",
+                               boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.prompt_tokens = m.Counter("expertmesh_prompt_tokens_total", "Prompt tokens of finished requests",
+                                       tag_keys=keys)
+        self.gen_tokens = m.Counter("expertmesh_generation_tokens_total", "Generated tokens", tag_keys=keys)
+        self.cached_tokens = m.Counter("expertmesh_cached_prompt_tokens_total",
+                                       "Prompt tokens served from the prefix cache", tag_keys=keys)
+        self.queue = m.Gauge("expertmesh_queue_depth", "Requests waiting for admission", tag_keys=keys)
+        self.running = m.Gauge("expertmesh_running_requests", "Requests running", tag_keys=keys)
+        self.kv_usage = m.Gauge("expertmesh_kv_usage_ratio", "KV slots held by running requests / total",
+                                tag_keys=keys)
+        self.hit_rate = m.Gauge("expertmesh_prefix_cache_hit_ratio", "Cached prompt tokens / prompt tokens",
+                                tag_keys=keys)
+        self.expert_tokens = m.Counter("expertmesh_expert_tokens_total", "Tokens routed to each expert",
+                                       tag_keys=keys + ("layer", "expert"))
+        self.alltoall = m.Histogram("expertmesh_alltoall_seconds", "All-to-all (dispatch + combine) time per step",
+                                    boundaries=STEP_BUCKETS, tag_keys=keys)
+        self.step_time = m.Histogram("expertmesh_step_seconds", "Engine step time", boundaries=STEP_BUCKETS,
+                                     tag_keys=keys)
+        self._last_expert_load: list[list[int]] | None = None
+
+    def on_step(self, engine: "Engine", outputs: list[RequestOutput]) -> None:
+        t = self.tags
+        load = engine.load()
+        self.queue.set(load.waiting, tags=t)
+        self.running.set(load.running, tags=t)
+        self.kv_usage.set(load.kv_usage, tags=t)
+        self.hit_rate.set(load.cache_hit_rate, tags=t)
+        self.step_time.observe(engine.stats.last_step_s, tags=t)
+        if engine.config.ep_size > 1:
+            self.alltoall.observe(engine.stats.last_alltoall_s, tags=t)
+        generated = sum(len(o.token_ids) for o in outputs)
+        if generated:
+            self.gen_tokens.inc(generated, tags=t)
+        for o in outputs:
+            if o.finished:
+                self.on_finished(o)
+
+    def on_finished(self, o: RequestOutput) -> None:
+        t = self.tags
+        self.requests.inc(1, tags={**t, "status": o.finish_reason or "stop"})
+        if o.prompt_tokens:
+            self.prompt_tokens.inc(o.prompt_tokens, tags=t)
+        if o.cached_tokens:
+            self.cached_tokens.inc(o.cached_tokens, tags=t)
+        if o.metrics is not None:
+            if o.metrics.ttft_s is not None:
+                self.ttft.observe(o.metrics.ttft_s, tags=t)
+            if o.metrics.mean_itl_s is not None:
+                self.itl.observe(o.metrics.mean_itl_s, tags=t)
+            if o.metrics.e2e_s is not None:
+                self.e2e.observe(o.metrics.e2e_s, tags=t)
+
+    def record_expert_load(self, per_rank: list[list[list[int]]]) -> None:
+        """Adds the tokens routed per (layer, expert) since the last call (cumulative counts in)."""
+        total = [[sum(r[layer][e] for r in per_rank) for e in range(len(per_rank[0][layer]))]
+                 for layer in range(len(per_rank[0]))] if per_rank and per_rank[0] else []
+        prev = self._last_expert_load
+        for layer, row in enumerate(total):
+            for e, n in enumerate(row):
+                d = n - (prev[layer][e] if prev else 0)
+                if d > 0:
+                    self.expert_tokens.inc(d, tags={**self.tags, "layer": str(layer), "expert": str(e)})
+        self._last_expert_load = total
