@@ -72,6 +72,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     from expertmesh.cluster.ray_cluster import local_env
 
     local_env()
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach Prometheus within ~1 s
     import tempfile
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="em-ray-", dir="/tmp"))  # short: socket paths
