@@ -210,3 +210,15 @@ def test_preset_expert_counts_match_the_generator() -> None:
     from expertmesh.cluster.config import PRESET_ROUTED_EXPERTS
 
     assert PRESET_ROUTED_EXPERTS == {name: p["n_routed_experts"] for name, p in PRESETS.items()}
+
+
+def test_grafana_dashboard_plots_every_metric():
+    import json
+    from pathlib import Path
+
+    from expertmesh.cluster.telemetry.metrics import METRIC_NAMES
+
+    dash = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    missing = [m for m in METRIC_NAMES if f"ray_{m}" not in exprs]
+    assert not missing, missing
