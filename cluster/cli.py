@@ -160,25 +160,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Subcommands whose modules parse their own argv (router clients, manifests, the Serve app).
+PASSTHROUGH = {
+    "chat": ("expertmesh.cluster.router.client_cli", "chat_main", "interactive streaming chat with a router"),
+    "client": ("expertmesh.cluster.cli", "client_main", "gRPC client commands: generate"),
+    "manifests": ("expertmesh.cluster.manifests", "manifests_main", "render/validate KubeRay manifests"),
+    "up": ("expertmesh.cluster.serve.main", "up_main", "start the Serve application from a config"),
+    "status": ("expertmesh.cluster.serve.main", "status_main", "show replicas, ranks, queues, KV, expert load"),
+    "down": ("expertmesh.cluster.serve.main", "down_main", "stop the Serve application"),
+}
+
+
 def _add_optional_commands(sub) -> None:
-    """Subcommands whose modules take their own argv (router clients, manifests, the Serve app)."""
-    def passthrough(name: str, module: str, func: str, help_text: str) -> None:
-        sp = sub.add_parser(name, help=help_text, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, (_, _, help_text) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_text, add_help=False)
 
-        def run(args: argparse.Namespace) -> int:
-            import importlib
 
-            return getattr(importlib.import_module(module), func)(args.rest)
+def _run_passthrough(name: str, argv: list[str], verbose: bool) -> int:
+    import importlib
 
-        sp.set_defaults(func=run)
-
-    passthrough("chat", "expertmesh.cluster.router.client_cli", "chat_main", "interactive streaming chat with a router")
-    passthrough("client", "expertmesh.cluster.cli", "client_main", "gRPC client commands: generate")
-    passthrough("manifests", "expertmesh.cluster.manifests", "manifests_main", "render/validate KubeRay manifests")
-    passthrough("up", "expertmesh.cluster.serve.main", "up_main", "start the Serve application")
-    passthrough("status", "expertmesh.cluster.serve.main", "status_main", "show replicas, ranks, queues, KV, expert load")
-    passthrough("down", "expertmesh.cluster.serve.main", "down_main", "stop the Serve application")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module, func, _ = PASSTHROUGH[name]
+    return int(getattr(importlib.import_module(module), func)(argv) or 0)
 
 
 def client_main(argv: list[str]) -> int:
@@ -192,6 +196,11 @@ def client_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    rest = argv[1:] if verbose else argv
+    if rest and rest[0] in PASSTHROUGH:
+        return _run_passthrough(rest[0], rest[1:], verbose)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,19 +39,48 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def start_local_cluster(num_cpus: int | None) -> str:
-    """A detached single-node Ray on 127.0.0.1 (see ray_cluster.py for the loopback variables)."""
+def start_local_cluster(num_cpus: int | None) -> tuple[str, int]:
+    """A single-node Ray on 127.0.0.1 that outlives this command: `ray start --head --block` in a
+    session of its own, so `down` can stop exactly this cluster (by process group) and nothing else
+    on the machine. Returns (address, pid)."""
     from expertmesh.cluster.ray_cluster import LOCAL_ENV
 
     env = {**os.environ, **LOCAL_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
     port = _free_port()
-    cmd = [_ray_bin(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+    cmd = [_ray_bin(), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
            f"--num-cpus={num_cpus or os.cpu_count() or 2}"]
+    state_dir().mkdir(parents=True, exist_ok=True)
+    logf = open(state_dir() / f"ray-{port}.log", "wb")
     t0 = time.monotonic()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log.info("started a local Ray head on 127.0.0.1:%d in %.1fs", port, time.monotonic() - t0)
-    return f"127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    while time.monotonic() - t0 < 120:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start` exited with {proc.returncode}; see {logf.name}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        raise TimeoutError("the local Ray head did not come up in 120 s")
+    log.info("started a local Ray head on 127.0.0.1:%d in %.1fs (pid %d)", port, time.monotonic() - t0, proc.pid)
+    return f"127.0.0.1:{port}", proc.pid
+
+
+def stop_local_cluster(pid: int, timeout_s: float = 60.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.3)
+    os.killpg(pid, signal.SIGKILL)
 
 
 def _connect(address: str, namespace: str) -> None:
@@ -117,20 +147,27 @@ def up(config_path: str, address: str | None = None, timeout_s: float = 600.0, n
         make_checkpoint(ckpt, preset=spec.preset, seed=spec.seed, fp8=spec.fp8)
     address = address or cfg.ray.address
     started_local = address is None
+    pid = None
     if started_local:
-        address = start_local_cluster(num_cpus)
-    state = {"name": cfg.name, "address": address, "started_local": started_local, "config": str(Path(config_path).resolve()),
+        address, pid = start_local_cluster(num_cpus)
+    state = {"name": cfg.name, "address": address, "started_local": started_local, "ray_pid": pid, "config": str(Path(config_path).resolve()),
              "namespace": cfg.ray.namespace, "grpc": f"{cfg.router.host}:{cfg.router.grpc_port}",
              "http": f"http://{cfg.router.host}:{cfg.router.http_port}" if cfg.router.http_port else None}
     state_dir().mkdir(parents=True, exist_ok=True)
     _state_file(cfg.name).write_text(json.dumps(state, indent=2))
-    _connect(address, cfg.ray.namespace)
-    from .app import build_app
+    try:
+        _connect(address, cfg.ray.namespace)
+        from .app import build_app
 
-    serve.start(proxy_location=ProxyLocation.Disabled, http_options={"host": "127.0.0.1"})
-    t0 = time.monotonic()
-    serve.run(build_app({"config": cfg.to_dict()}), name=cfg.name, route_prefix=None, blocking=False)
-    _wait_router(cfg.router.host, cfg.router.grpc_port, timeout_s)
+        serve.start(proxy_location=ProxyLocation.Disabled, http_options={"host": "127.0.0.1"})
+        t0 = time.monotonic()
+        serve.run(build_app({"config": cfg.to_dict()}), name=cfg.name, route_prefix=None, blocking=False)
+        _wait_router(cfg.router.host, cfg.router.grpc_port, timeout_s)
+    except BaseException:
+        if pid is not None:  # leave nothing behind that the user did not ask for
+            stop_local_cluster(pid)
+            _state_file(cfg.name).unlink(missing_ok=True)
+        raise
     state["ready_s"] = round(time.monotonic() - t0, 1)
     _state_file(cfg.name).write_text(json.dumps(state, indent=2))
     return state
@@ -203,12 +240,11 @@ def down(name: str = "expertmesh", address: str | None = None) -> dict[str, Any]
         if st.get("started_local"):
             serve.shutdown()
     finally:
-        if st.get("started_local"):
+        if st.get("started_local") and st.get("ray_pid"):
             import ray
 
             ray.shutdown()
-            subprocess.run([_ray_bin(), "stop", "--force"], check=False, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+            stop_local_cluster(int(st["ray_pid"]))
             result["stopped_local_cluster"] = True
         _state_file(name).unlink(missing_ok=True)
     return result
