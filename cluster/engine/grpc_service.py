@@ -215,6 +215,9 @@ class EngineServer:
     async def drain(self) -> None:
         """Refuse new requests (the router retries them elsewhere); running ones continue."""
         self.servicer.draining = True
+        engine_drain = getattr(self.servicer.engine, "drain", None)
+        if engine_drain is not None:
+            engine_drain()
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float | None = 5.0) -> None:

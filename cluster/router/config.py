@@ -1,7 +1,8 @@
 """The router's settings (the deployment YAML's `router:` section maps onto this)."""
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -48,3 +49,24 @@ class RouterConfig(BaseModel):
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
+
+    @classmethod
+    def from_deploy_section(cls, section: Any, **overrides: Any) -> "RouterConfig":
+        """From the deployment YAML's `router:` section (cluster/config.py RouterSection): there
+        http_port 0 means no HTTP server and the token lives in the environment variable auth.token_env."""
+        token = None
+        if getattr(section, "auth", None) is not None:
+            token = os.environ.get(section.auth.token_env)
+            if not token:
+                raise ValueError(f"router.auth.token_env: environment variable {section.auth.token_env} is unset or empty")
+        tls = getattr(section, "tls", None)
+        values: dict[str, Any] = dict(
+            host=section.host, grpc_port=section.grpc_port, http_port=section.http_port or None,
+            policy=section.policy, auth_token=token,
+            cache_aware=CacheAwareSettings(cache_threshold=section.cache_threshold,
+                                           balance_abs_threshold=section.balance_abs_threshold,
+                                           balance_rel_threshold=section.balance_rel_threshold),
+            tls_cert_file=str(tls.cert_file) if tls else None, tls_key_file=str(tls.key_file) if tls else None,
+        )
+        values.update(overrides)
+        return cls(**values)

@@ -76,7 +76,8 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         request = engine_pb2.EngineGenerateRequest(request_id=request_id, prompt_token_ids=prepared.prompt_token_ids,
-                                                   sampling=sampling_to_proto(prepared.sampling))
+                                                   sampling=sampling_to_proto(prepared.sampling),
+                                                   trace_context=dict(metadata))  # traceparent/tracestate
         tried: set[str] = set()
         last_error: RouterError | None = None
         for _ in range(self.max_attempts):
