@@ -91,6 +91,19 @@ def test_streamed_generation_equals_engine(env, stub):
     assert "".join(m.text for m in msgs2) == want_text
 
 
+def test_logprobs(env, stub):
+    msgs = list(stub.Generate(generate_pb2.GenerateRequest(text="Once upon a time", sampling=generate_pb2.SamplingParams(
+        max_tokens=6, temperature=0.0, return_logprobs=True, top_logprobs=3))))
+    lps = [lp for m in msgs for lp in m.logprobs]
+    assert [lp.token_id for lp in lps] == [t for m in msgs for t in m.token_ids]
+    for lp in lps:  # greedy: the sampled token is the most likely one
+        assert len(lp.top) == 3 and lp.logprob <= 0 and lp.top[0].token_id == lp.token_id
+        assert lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+    plain = list(stub.Generate(generate_pb2.GenerateRequest(text="Once upon a time", sampling=generate_pb2.SamplingParams(
+        max_tokens=3, temperature=0.0, return_logprobs=True))))
+    assert all(len(m.logprobs) == len(m.token_ids) and not any(lp.top for lp in m.logprobs) for m in plain)
+
+
 def test_chat_applies_template_and_splits_reasoning(env, stub):
     tok = env["engine"].tokenizer
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
@@ -195,6 +208,7 @@ def test_models_info_load_and_health(env, stub):
     load = stub.GetLoad(generate_pb2.GetLoadRequest())
     assert load.policy == "cache_aware" and [r.replica_id for r in load.replicas] == ["r0"]
     assert load.replicas[0].healthy and load.replicas[0].kv_total_tokens == env["engine"].kv_total_slots()
+    assert load.replicas[0].max_waiting == 64 and load.replicas[0].prompt_tokens_total > 0
     with grpc.insecure_channel(env["router"].grpc_address) as ch:
         hs = health_pb2_grpc.HealthStub(ch)
         for service in ("", "expertmesh.v1.Generation"):
@@ -345,6 +359,10 @@ def test_openai_client_streams_chat_completion(env):
     full = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
     msg = full.choices[0].message
     assert (msg.model_extra.get("reasoning_content") or "") + (msg.content or "") == reasoning + content
+    with_lp = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0,
+                                             logprobs=True, top_logprobs=2)
+    content_lp = with_lp.choices[0].logprobs.content
+    assert len(content_lp) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content_lp)
     comp = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=6, temperature=0)
     want, _ = _direct(env, tok.encode("The quick brown fox", add_special_tokens=False), 6)
     assert comp.choices[0].text == want and comp.usage.completion_tokens == 6

@@ -115,6 +115,8 @@ def test_dead_replica_leaves_rotation_and_requests_retry(lt, tiny_ckpt, cleanup)
     with pytest.raises(grpc.RpcError) as err:
         _gen(router.grpc_address)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with GenerationClient(router.grpc_address) as c:  # no replica left: health says so
+        assert wait_for(lambda: c.health() == "NOT_SERVING")
 
 
 def test_replicas_join_and_leave(lt, tiny_ckpt, cleanup):

@@ -74,16 +74,16 @@ def sampling_to_proto(sp: SamplingParams) -> generate_pb2.SamplingParams:
     return msg
 
 
-def output_to_proto(out: RequestOutput) -> engine_pb2.EngineGenerateResponse:
+def output_to_proto(out: RequestOutput, top_logprobs: int = 0) -> engine_pb2.EngineGenerateResponse:
     msg = engine_pb2.EngineGenerateResponse(
         request_id=out.request_id, token_ids=out.token_ids, text=out.text, finished=out.finished,
         finish_reason=FINISH_TO_PROTO.get(out.finish_reason, generate_pb2.FINISH_REASON_ERROR),
         prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
         cached_tokens=out.cached_tokens, error=out.error or "",
     )
-    for lp in out.logprobs or ():
+    for lp in out.logprobs or ():  # the engine samples >= 1 alternative; send what was asked
         msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
-                         top=[generate_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+                         top=[generate_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top[:top_logprobs]])
     return msg
 
 
@@ -112,12 +112,21 @@ def model_info_from_engine(engine: Any) -> generate_pb2.ModelInfo:
 
 
 # ---- servicer ---------------------------------------------------------------------------------
+def _engine_max_waiting(engine: Any) -> int:
+    try:
+        return int(engine.engine.config.scheduler.max_waiting_requests)
+    except AttributeError:
+        return 0
+
+
+
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, engine: "AsyncEngine", replica_id: str, max_waiting: int = 0,
                  tokenizer_path: str = "") -> None:
         self.engine = engine
         self.replica_id = replica_id
-        self.max_waiting = max_waiting  # reported in GetLoad (the engine enforces it); 0: unlimited
+        # Reported in GetLoad (the engine enforces it); 0: unlimited / unknown.
+        self.max_waiting = max_waiting or _engine_max_waiting(engine)
         self.tokenizer_path = tokenizer_path
         self.draining = False
 
@@ -140,11 +149,12 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                             prompt_token_ids=list(request.prompt_token_ids), sampling=sampling,
                             trace_context=dict(request.trace_context) or None)
         stream = self.engine.generate(req)
+        top_n = request.sampling.top_logprobs
         finished = False
         try:
             async for out in stream:
                 finished = out.finished
-                yield output_to_proto(out)
+                yield output_to_proto(out, top_n)
                 if finished:
                     break
         except InvalidRequestError as exc:

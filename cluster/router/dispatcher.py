@@ -78,6 +78,7 @@ class Dispatcher:
         request = engine_pb2.EngineGenerateRequest(request_id=request_id, prompt_token_ids=prepared.prompt_token_ids,
                                                    sampling=sampling_to_proto(prepared.sampling),
                                                    trace_context=dict(metadata))  # traceparent/tracestate
+        request.sampling.top_logprobs = prepared.top_logprobs
         tried: set[str] = set()
         last_error: RouterError | None = None
         for _ in range(self.max_attempts):

@@ -30,6 +30,7 @@ class PreparedRequest:
     sampling: SamplingParams
     split_reasoning: bool
     starts_in_reasoning: bool  # the prompt already opened <think> (R1's template does)
+    top_logprobs: int = 0  # alternatives per token to return (sampling.logprobs is at least 1 when on)
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -110,7 +111,8 @@ class Frontend:
             raise RouterError.invalid("prompt", "set text or token_ids")
         self.check_prompt(ids, sampling, req.sampling.HasField("max_tokens"), field)
         split = req.separate_reasoning
-        return PreparedRequest(ids, sampling, split, split and self.starts_in_reasoning(ids))
+        return PreparedRequest(ids, sampling, split, split and self.starts_in_reasoning(ids),
+                               req.sampling.top_logprobs)
 
     def prepare_chat(self, req: generate_pb2.ChatRequest) -> PreparedRequest:
         self.check_model(req.model)
@@ -119,4 +121,5 @@ class Frontend:
         ids = self.encode(text)
         self.check_prompt(ids, sampling, req.sampling.HasField("max_tokens"), "messages")
         split = not req.merge_reasoning
-        return PreparedRequest(ids, sampling, split, split and self.starts_in_reasoning(ids))
+        return PreparedRequest(ids, sampling, split, split and self.starts_in_reasoning(ids),
+                               req.sampling.top_logprobs)

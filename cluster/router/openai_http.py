@@ -260,7 +260,8 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
         except RouterError as exc:
             return _error(exc, request.state.rid)
         split = req.separate_reasoning
-        prepared = PreparedRequest(ids, sp, split, split and frontend.starts_in_reasoning(ids))
+        prepared = PreparedRequest(ids, sp, split, split and frontend.starts_in_reasoning(ids),
+                                   req.top_logprobs or 0)
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return await run(request, prepared, req.stream, "chat", include_usage)
 
