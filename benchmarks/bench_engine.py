@@ -334,7 +334,7 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = 3 + (1 if data.get("profile") else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4))
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels + (2.5 if panels == 4 else 0), 4.4))
     ax = axes[0]
     vs = data["vs_hf"]
     xs = range(len(vs))
@@ -353,8 +353,8 @@ def plot(data: dict, path: Path) -> None:
         ax.bar(["cache off", "cache on"], [px["off_throughput_median"], px["on_throughput_median"]],
                color=["tab:gray", "tab:green"])
         ax.set_ylabel("(prompt + output) tokens/s (median)")
-        ax.set_title(f"{px['requests']} requests, {px['prefix_len']}-token shared prefix: "
-                     f"{px['throughput_ratio_median']:.2f}x")
+        ax.set_title(f"{px['requests']} x {px['prefix_len']}-token shared prefix: cache on/off "
+                     f"{px['throughput_ratio_median']:.2f}x", fontsize=10)
         ax = axes[2]
         on = [r["ttft_s"] for r in px["runs"]["on"]][0]
         off = [r["ttft_s"] for r in px["runs"]["off"]][0]
@@ -373,7 +373,7 @@ def plot(data: dict, path: Path) -> None:
             bottom["engine"] += vals[1]
         ax.set_ylabel("ms per decode step (self CPU, profiled)")
         ax.set_title(f"batch-{prof['batch']} decode step")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

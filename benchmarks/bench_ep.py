@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -277,6 +278,9 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
 
     benchlib.setup_env()
+    # Ray starts worker processes at nice 15 by default: on a shared machine the rank actors would
+    # then lose every contest for the cores against the driver and everyone else's processes
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -286,7 +290,8 @@ def main(argv=None) -> int:
     cfg = ModelConfig.from_dir(str(ckpt))
     data: dict = {"config": {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "steps": steps,
                              "repeats": repeats, "prompt_len": [120, 136], "cpus_per_rank": args.cpus_per_rank,
-                             "backend": "gloo", "torch_threads_per_rank": 1},
+                             "backend": "gloo", "torch_threads_per_rank": 1,
+                             "ray_worker_niceness": os.environ.get("RAY_worker_niceness")},
                   "machine": benchlib.machine_info()}
 
     # microbenchmark first, in this process, before any rank actor competes for the cores
@@ -298,11 +303,12 @@ def main(argv=None) -> int:
 
     import ray
 
-    t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     kv = args.batch * (136 + steps + 24 + 48)
-    engines = {}
-    try:
+    engines: dict = {}
+
+    def start() -> None:
+        t0 = time.perf_counter()
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         engines["ep1"] = make_engine(ckpt, args.dtype, 1, kv, args.cpus_per_rank)
         engines["ep2"] = make_engine(ckpt, args.dtype, 2, kv, args.cpus_per_rank)
         data["startup_s"] = time.perf_counter() - t0
@@ -310,19 +316,45 @@ def main(argv=None) -> int:
         for d in data["placement"].values():
             for r in d:
                 r.pop("read_tensor_names", None)
-        runs = {"ep1": [], "ep2": []}
-        for rep in range(repeats):
+
+    def stop() -> None:
+        for e in engines.values():
+            try:
+                e.shutdown()
+            except Exception:
+                pass
+        engines.clear()
+        ray.shutdown()
+
+    runs = {"ep1": [], "ep2": []}
+    restarts = 0
+    start()
+    try:
+        rep = 0
+        while rep < repeats:
             order = ("ep1", "ep2") if rep % 2 == 0 else ("ep2", "ep1")
+            try:
+                got = {key: run_decode(engines[key], cfg, args.batch, (120, 136), steps, args.seed + rep, f"{key}r{rep}{restarts}")
+                       for key in order}
+            except Exception as exc:  # a `ray stop --force` elsewhere on the machine takes our cluster too
+                if restarts >= 3:
+                    raise
+                restarts += 1
+                log.warning("repeat %d failed (%s: %s); restarting Ray and the groups (%d)", rep,
+                            type(exc).__name__, str(exc)[:200], restarts)
+                stop()
+                start()
+                continue
             for key in order:
-                r = run_decode(engines[key], cfg, args.batch, (120, 136), steps, args.seed + rep, f"{key}r{rep}")
+                r = got[key]
                 runs[key].append(r)
                 log.info("rep %d %s: step %.1f ms, %.1f tok/s, all-to-all share %s", rep, key,
                          r["step_wall_ms_median"], r["decode_tok_s"],
                          ", ".join(f"{100 * x['alltoall_share_median']:.0f}%" for x in r["ranks"]))
+            rep += 1
     finally:
-        for e in engines.values():
-            e.shutdown()
-        ray.shutdown()
+        stop()
+    data["restarts"] = restarts
     data["runs"] = runs
     # summary: the median repeat (by tokens/s) of each configuration
     summary = {}
