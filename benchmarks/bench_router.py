@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import benchlib
-import grpc
 from grpc import aio
 
 from expertmesh.v1 import engine_pb2, engine_pb2_grpc, generate_pb2, generate_pb2_grpc
@@ -196,10 +195,17 @@ def bench_overhead(ckpt: Path, reps: int, stream_tokens: int, policy: str) -> di
 # ---- Ray Serve's gRPC proxy -------------------------------------------------------------------------
 def bench_serve(ckpt: Path, stream_tokens: int, reps: int) -> dict:
     """Serve proxy → Serve replica streaming N messages, vs our router → EngineService replica."""
-    from expertmesh.cluster.ray_cluster import connect
+    import tempfile
+
+    from expertmesh.cluster.ray_cluster import local_env
 
     benchlib.setup_env()
-    connect(num_cpus=2)
+    local_env()  # before Ray is imported: it reads the loopback switch at import
+    import ray
+
+    # address="local": a private cluster, never one another process on this machine started.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="expertmesh-bench",
+             _temp_dir=tempfile.mkdtemp(prefix="em-bench-ray-", dir="/tmp"))
     from ray import serve
     from ray.serve.config import gRPCOptions
 
@@ -258,8 +264,6 @@ def bench_serve(ckpt: Path, stream_tokens: int, reps: int) -> dict:
             p.kill()
             p.join()
         serve.shutdown()
-        import ray
-
         ray.shutdown()
 
 

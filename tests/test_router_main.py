@@ -1,7 +1,6 @@
 """`expertmesh router` as its own process, and the deployment YAML's router section mapping."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -19,7 +19,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
 from expertmesh.cluster.router.auth import token_matches

@@ -109,6 +109,12 @@ class ReplicaSet:
         self._on_change = on_change
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
+        self._background: set[asyncio.Task] = set()  # the loop keeps only weak references
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- membership -------------------------------------------------------------------------
     def sync(self, endpoints: Iterable[ReplicaEndpoint]) -> None:
@@ -123,7 +129,7 @@ class ReplicaSet:
             log.info("replica %s joined at %s", rid, ep.address)
             replica = self.replicas[rid] = Replica(ep)
             if self._task is not None:
-                asyncio.get_running_loop().create_task(self._probe(replica))
+                self._spawn(self._probe(replica))
         for rid in list(self.replicas):
             if rid not in wanted:
                 log.info("replica %s left", rid)
@@ -143,7 +149,7 @@ class ReplicaSet:
             if replica.inflight == 0:
                 del self._leaving[key]
                 try:
-                    asyncio.get_running_loop().create_task(replica.close())
+                    self._spawn(replica.close())
                 except RuntimeError:  # no loop: nothing to close on
                     pass
 

@@ -134,6 +134,7 @@ class RouterServer:
         self._http = None
         self._http_task: asyncio.Task | None = None
         self._serving: bool | None = None
+        self._health_tasks: set[asyncio.Task] = set()
 
     @property
     def grpc_address(self) -> str:
@@ -151,7 +152,9 @@ class RouterServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         loop = asyncio.get_running_loop()
         for name in ("", SERVICE_NAME):
-            loop.create_task(self.health.set(name, status))
+            task = loop.create_task(self.health.set(name, status))
+            self._health_tasks.add(task)  # the loop keeps only weak references
+            task.add_done_callback(self._health_tasks.discard)
 
     async def _first_replica_info(self) -> engine_pb2.EngineInfo:
         deadline = time.monotonic() + self.config.startup_timeout_s
