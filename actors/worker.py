@@ -110,7 +110,7 @@ class ModelWorker:
 
     def _batch(self, work: StepInput) -> ForwardBatch:
         if not work.seqs:
-            return ForwardBatch.empty()
+            return ForwardBatch.empty(self.device)
         ids, pos, out_slots, lens, ctx = [], [], [], [], []
         for s in work.seqs:
             prev = self.slots[s.request_id]
@@ -123,4 +123,4 @@ class ModelWorker:
             lens.append(len(s.token_ids))
             ctx.append(full.to(self.device))
         return ForwardBatch(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                            torch.cat(out_slots).to(self.device), lens, ctx)
+                            torch.cat(out_slots).to(self.device), lens, ctx).prepare()

@@ -40,13 +40,11 @@ def hf_greedy(ckpt: Path, prompts: list[list[int]], max_new_tokens: int) -> list
 
 def hf_logits(ckpt: Path, prompt: list[int], dtype: torch.dtype) -> torch.Tensor:
     """Last-position logits of a prefill in `dtype` (fp32 reference weights cast)."""
-    model = _model(str(ckpt))
-    m = model.to(dtype)
+    import copy
+
+    m = copy.deepcopy(_model(str(ckpt))).to(dtype)  # a copy: casting the cached model would round its weights
     for module in m.modules():  # the reference keeps its router in fp32 (_keep_in_fp32_modules_strict)
         if type(module).__name__ == "DeepseekV3TopkRouter":
             module.float()
-    try:
-        with torch.no_grad():
-            return m(torch.tensor([prompt])).logits[0, -1].float()
-    finally:
-        model.to(torch.float32)
+    with torch.no_grad():
+        return m(torch.tensor([prompt])).logits[0, -1].float()

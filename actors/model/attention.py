@@ -52,19 +52,13 @@ class MLAttention(nn.Module):
         kv.write(self.layer, batch.out_slots, latent, k_rot)
 
         out = x.new_empty(t, self.num_heads, self.v_dim)
-        starts = [0]
-        for n in batch.extend_lens:
-            starts.append(starts[-1] + n)
-        decode = [i for i, n in enumerate(batch.extend_lens) if n == 1]
-        if len(decode) > 1:
-            rows = torch.tensor([starts[i] for i in decode], dtype=torch.long)
-            out[rows] = self._decode(q[rows], [batch.ctx_slots[i] for i in decode], kv)
-            done = set(decode)
-        else:
-            done = set()
+        if batch.decode_seqs:
+            out[batch.decode_rows] = self._decode(q[batch.decode_rows], batch, kv)
+        batched = set(batch.decode_seqs)
         for i, n in enumerate(batch.extend_lens):
-            if i not in done and n > 0:
-                out[starts[i] : starts[i] + n] = self._extend(q[starts[i] : starts[i] + n], batch.ctx_slots[i], kv)
+            if i not in batched and n > 0:
+                a = batch.starts[i]
+                out[a : a + n] = self._extend(q[a : a + n], batch.ctx_slots[i], kv)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
     def _expand(self, slots: torch.Tensor, kv: MLAKVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,27 +70,33 @@ class MLAttention(nn.Module):
         return k, v
 
     def _extend(self, q: torch.Tensor, slots: torch.Tensor, kv: MLAKVCache) -> torch.Tensor:
-        """One sequence: q [n, heads, qk] for its last n context positions, causal."""
+        """One sequence: q [n, heads, qk] for its last n context positions, causal. Expands the
+        latent context to per-head keys and values, as the reference computes prefill."""
         n, ctx = q.shape[0], slots.numel()
         k, v = self._expand(slots, kv)
         scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * self.scale  # [heads, n, ctx]
         if n > 1:
-            qpos = torch.arange(ctx - n, ctx).unsqueeze(1)
-            mask = torch.arange(ctx).unsqueeze(0) > qpos
+            qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
+            mask = torch.arange(ctx, device=q.device).unsqueeze(0) > qpos
             scores = scores.masked_fill(mask, float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [n, heads, v]
 
-    def _decode(self, q: torch.Tensor, ctx_slots: list[torch.Tensor], kv: MLAKVCache) -> torch.Tensor:
-        """Many sequences, one new token each: q [B, heads, qk]; contexts padded to the longest."""
-        lens = torch.tensor([s.numel() for s in ctx_slots])
-        width = int(lens.max())
-        slots = torch.zeros(len(ctx_slots), width, dtype=torch.long)
-        for i, s in enumerate(ctx_slots):
-            slots[i, : s.numel()] = s
-        k, v = self._expand(slots, kv)  # [B, L, heads, *]
-        scores = torch.matmul(q.unsqueeze(2), k.permute(0, 2, 3, 1)) * self.scale  # [B, heads, 1, L]
-        pad = torch.arange(width).unsqueeze(0) >= lens.unsqueeze(1)  # [B, L]
-        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head into W_UK [heads, nope, rank] and W_UV [heads, v, rank]."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
+        """Many sequences, one new token each, attending in the latent space (DeepSeek's absorbed
+        MLA): W_UK folds into the query and W_UV into the output, so the cached latents are read
+        as they are instead of being expanded to per-head keys and values every step."""
+        w_uk, w_uv = self._absorbed()
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)  # [B, heads, *]
+        q_lat = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)
+        latent, k_pe = kv.read(self.layer, batch.decode_slots)  # [B, L, rank], [B, L, rope]
+        scores = (torch.matmul(q_lat, latent.transpose(1, 2)) + torch.matmul(q_rot, k_pe.transpose(1, 2))) * self.scale
+        scores = scores.masked_fill(batch.decode_pad[:, None, :], float("-inf"))  # [B, heads, L]
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v.transpose(1, 2)).squeeze(2)  # [B, heads, v]
+        out_lat = torch.matmul(probs, latent)  # [B, heads, rank]
+        return torch.einsum("bhr,hvr->bhv", out_lat, w_uv)

@@ -70,6 +70,8 @@ class DeepseekV3Model(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
         """Runs the layers over the batch's new tokens; returns final hidden states [T, H]."""
+        if not batch.starts and batch.extend_lens:
+            batch.prepare()
         x = self.embed_tokens(batch.input_ids)
         cos, sin = self.rope.cos_sin(batch.positions, x.dtype)
         for layer in self.layers:
@@ -131,4 +133,5 @@ def build_model(config: ModelConfig, dtype: torch.dtype, expert_range: tuple[int
         model = DeepseekV3Model(config, expert_range).to(dtype)
     for moe in model.moe_layers():
         moe.gate.float()
+    model.rope.reset_frequencies()  # positions rotate in fp32, as the reference's do
     return model.eval()

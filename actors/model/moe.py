@@ -16,11 +16,19 @@ class ExpertLoad:
     takes differences over its sliding window)."""
 
     def __init__(self, num_experts: int):
-        self.counts = torch.zeros(num_experts, dtype=torch.int64)
+        self.num_experts = num_experts
+        self._counts: torch.Tensor | None = None  # on the activations' device: no sync per layer
 
     def record(self, topk_ids: torch.Tensor) -> None:
         if topk_ids.numel():
-            self.counts += torch.bincount(topk_ids.flatten().cpu(), minlength=self.counts.numel())
+            add = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
+            self._counts = add if self._counts is None else self._counts + add
+
+    @property
+    def counts(self) -> torch.Tensor:
+        if self._counts is None:
+            return torch.zeros(self.num_experts, dtype=torch.int64)
+        return self._counts.cpu()
 
 
 class MoE(nn.Module):

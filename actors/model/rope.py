@@ -62,9 +62,15 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         inv_freq, self.attention_factor = inv_freq_and_attention_factor(config.rope, config.qk_rope_head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleave = config.rope_interleave
+
+    def reset_frequencies(self) -> None:
+        """Recomputes the frequencies in fp32 (after a model-wide .to(bfloat16) rounded them)."""
+        inv_freq, _ = inv_freq_and_attention_factor(self.config.rope, self.config.qk_rope_head_dim)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
