@@ -24,6 +24,8 @@ from expertmesh.cluster.router.errors import RouterError
 from expertmesh.cluster.router.frontend import PreparedRequest
 from expertmesh.cluster.router.policies import RoutingPolicy
 from expertmesh.cluster.router.replicas import Replica, ReplicaSet
+from opentelemetry import trace
+
 from expertmesh.v1 import engine_pb2, generate_pb2
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,10 @@ class Dispatcher:
         self.max_attempts = max_attempts
 
     async def stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None = None,
-                     metadata: tuple[tuple[str, str], ...] = ()) -> AsyncIterator[Delta]:
+                     metadata: tuple[tuple[str, str], ...] = (), trace_parent=None) -> AsyncIterator[Delta]:
         """Deltas of one request; raises RouterError. `timeout` is the time left for the whole call."""
         parser = ReasoningParser(starts_in_reasoning=prepared.starts_in_reasoning) if prepared.split_reasoning else None
-        upstream = self._engine_stream(prepared, request_id, timeout, metadata)
+        upstream = self._engine_stream(prepared, request_id, timeout, metadata, trace_parent)
         async with aclosing(upstream):  # closing this stream must cancel the replica call now
             async for msg, replica in upstream:
                 text, reasoning = msg.text, ""
@@ -72,7 +74,7 @@ class Dispatcher:
                             msg.prompt_tokens, msg.completion_tokens, msg.cached_tokens, replica.replica_id)
 
     async def _engine_stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None,
-                             metadata: tuple[tuple[str, str], ...]):
+                             metadata: tuple[tuple[str, str], ...], trace_parent=None):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         request = engine_pb2.EngineGenerateRequest(request_id=request_id, prompt_token_ids=prepared.prompt_token_ids,
@@ -85,7 +87,10 @@ class Dispatcher:
             candidates = [r for r in self.replicas.available() if r.replica_id not in tried]
             if not candidates:
                 break
-            replica: Replica = self.policy.select(prepared.prompt_token_ids, candidates)  # type: ignore[assignment]
+            with trace.get_tracer("expertmesh.router").start_as_current_span("route", context=trace_parent) as span:
+                replica: Replica = self.policy.select(prepared.prompt_token_ids, candidates)  # type: ignore[assignment]
+                span.set_attribute("expertmesh.replica_id", replica.replica_id)
+                span.set_attribute("expertmesh.policy", type(self.policy).__name__)
             tried.add(replica.replica_id)
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:

@@ -24,9 +24,17 @@ from expertmesh.cluster.router.registry import (RayRegistrySource, RegistryWatch
                                                 StaticReplicaSource)
 from expertmesh.cluster.router.replicas import ReplicaSet
 from expertmesh.cluster.engine.grpc_service import FINISH_TO_PROTO
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from expertmesh.cluster.telemetry.tracing import context_from_metadata, metadata_for
 from expertmesh.v1 import engine_pb2, generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+def _tracer():
+    return trace.get_tracer("expertmesh.router")
+
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 PASSTHROUGH_METADATA = ("traceparent", "tracestate")
@@ -58,21 +66,36 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
     async def _respond(self, prepare, request, context: aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
         rid, forward = request_id_of(context)
-        await context.send_initial_metadata((("x-request-id", rid),))
         model = self.frontend.model_name
         replica_id = ""
+        # The request's trace: continued from the client's traceparent; the replica continues ours.
+        # (spans are passed explicitly, never made current: this generator yields between them)
+        parent = context_from_metadata(context.invocation_metadata())
+        span = _tracer().start_span("router.Generate", context=parent, kind=SpanKind.SERVER,
+                                    attributes={"expertmesh.request_id": rid})
+        here = trace.set_span_in_context(span)
+        forward = tuple(kv for kv in forward if kv[0] not in PASSTHROUGH_METADATA) + tuple(metadata_for(here))
+        stream_span = None
         try:
             prepared: PreparedRequest = prepare(request)
             # An engine id of our own: a client's x-request-id need not be unique.
             engine_rid = f"{rid}-{uuid.uuid4().hex[:8]}"
-            stream = self.dispatcher.stream(prepared, engine_rid, self._timeout(context), forward)
+            stream = self.dispatcher.stream(prepared, engine_rid, self._timeout(context), forward, trace_parent=here)
             async with aclosing(stream):
                 async for d in stream:
+                    if stream_span is None:
+                        stream_span = _tracer().start_span("stream", context=here)
                     replica_id = d.replica_id
                     yield _to_response(d, rid, model)
         except RouterError as exc:
+            span.set_status(Status(StatusCode.ERROR, exc.message))
             context.set_trailing_metadata((("x-request-id", rid), ("x-replica-id", replica_id)))
             await context.abort(exc.code, exc.message)
+        finally:
+            if stream_span is not None:
+                stream_span.end()
+            span.set_attribute("expertmesh.replica_id", replica_id)
+            span.end()
         context.set_trailing_metadata((("x-request-id", rid), ("x-replica-id", replica_id)))
 
     # grpc.aio recognises streaming handlers by being async generator functions themselves.

@@ -106,6 +106,8 @@ class EngineReplica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         load = self.engine.load()
+        if self.metrics is not None:
+            self.metrics.set_gauges(load)
         return {RUNNING: float(load.running), WAITING: float(load.waiting), KV_USAGE: float(load.kv_usage)}
 
     def check_health(self) -> None:

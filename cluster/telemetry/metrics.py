@@ -61,13 +61,18 @@ class EngineMetrics:
                                      tag_keys=keys)
         self._last_expert_load: list[list[int]] | None = None
 
-    def on_step(self, engine: "Engine", outputs: list[RequestOutput]) -> None:
+    def set_gauges(self, load) -> None:
+        """Also called when the replica is idle (from its autoscaling-stats callback), so the gauges
+        stay fresh between steps."""
         t = self.tags
-        load = engine.load()
         self.queue.set(load.waiting, tags=t)
         self.running.set(load.running, tags=t)
         self.kv_usage.set(load.kv_usage, tags=t)
         self.hit_rate.set(load.cache_hit_rate, tags=t)
+
+    def on_step(self, engine: "Engine", outputs: list[RequestOutput]) -> None:
+        t = self.tags
+        self.set_gauges(engine.load())
         self.step_time.observe(engine.stats.last_step_s, tags=t)
         if engine.config.ep_size > 1:
             self.alltoall.observe(engine.stats.last_alltoall_s, tags=t)

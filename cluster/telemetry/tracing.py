@@ -44,6 +44,8 @@ def setup_tracing(service_name: str, otlp_endpoint: str | None = None) -> trace.
                                                            schedule_delay_millis=200))
             log.info("exporting traces over OTLP to %s", endpoint)
         _configured[service_name] = provider
+        if len(_configured) == 1:  # the process's global provider: library code uses trace.get_tracer
+            trace.set_tracer_provider(provider)
     return _configured[service_name].get_tracer("expertmesh")
 
 
