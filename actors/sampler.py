@@ -160,6 +160,12 @@ class Sampler:
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(states)} states")
         batch = len(states)
         device = logits.device
+        if all(st.params.greedy and not st.params.needs_penalties and not st.params.logprobs for st in states):
+            # the common greedy batch: argmax of the raw logits, no fp32 copy and no row gathers
+            token_ids = logits.argmax(dim=-1).tolist()
+            for state, tok in zip(states, token_ids):
+                state.output_token_ids.append(tok)
+            return SampleResult(token_ids=token_ids, logprobs=[None] * batch)
         # A copy, so penalties applied in place never touch the caller's tensor.
         logits = logits.to(torch.float32, copy=True)
 

@@ -206,3 +206,14 @@ def test_async_engine_cancel_frees_kv(tiny_ckpt):
     finally:
         engine.shutdown()
     assert len(got) >= 5 and free == total
+
+
+def test_requests_arriving_together_share_one_prefill(tiny_ckpt):
+    engine = make_engine(tiny_ckpt, page_size=4, chunked_prefill_tokens=32, max_batch_tokens=64)
+    prefix = [0] + [2000 + 3 * i for i in range(99)]
+    prompts = [prefix + [50 + i, 60 + i, 70 + i] for i in range(4)]
+    out = engine.run_to_completion([EngineRequest(f"t{i}", p, greedy(4)) for i, p in enumerate(prompts)])
+    # the prefix is computed once; later requests wait for it to land in the radix cache
+    assert engine.stats.prefill_tokens <= len(prompts[0]) + 3 * (len(prompts[0]) - 100 + 4)
+    assert sorted(o.cached_tokens for o in out.values())[1:] == [100, 100, 100]
+    assert [out[f"t{i}"].token_ids for i in range(4)] == hf_greedy(tiny_ckpt, prompts, 4)

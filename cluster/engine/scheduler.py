@@ -112,6 +112,8 @@ class Scheduler:
         for req in list(self.waiting):
             if len(blocked) == self.ep_size:
                 break
+            if self._shares_a_prefill(req):
+                continue  # wait for that prefill to land in the radix cache, then reuse it
             rank, match = self._choose_rank(req, blocked)
             if rank is None:
                 continue
@@ -124,6 +126,28 @@ class Scheduler:
         for req in admitted:
             self.waiting.remove(req)
         return step
+
+    def _shares_a_prefill(self, req: Request) -> bool:
+        """In-batch prefix sharing: a request whose prompt shares at least a page of not-yet-cached
+        tokens with a prompt still being prefilled waits a few steps, until _share_prompt has put
+        that prompt into the radix cache, instead of computing the same prefix a second time."""
+        if not self.config.prefix_cache:
+            return False
+        page = self.config.page_size
+        for other in self.running.values():
+            if not other.prefilling:
+                continue
+            limit = min(len(req.prompt) - 1, len(other.prompt))
+            if limit - other.cached_tokens < page:
+                continue
+            common = 0
+            for a, b in zip(req.prompt[:limit], other.prompt[:limit]):
+                if a != b:
+                    break
+                common += 1
+            if common - other.cached_tokens >= page:
+                return True
+        return False
 
     def _choose_rank(self, req: Request, blocked: set[int]):
         """The rank holding the longest cached prefix; ties go to the least busy rank."""
