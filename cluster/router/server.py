@@ -66,6 +66,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
     async def _respond(self, prepare, request, context: aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
         rid, forward = request_id_of(context)
+        await context.send_initial_metadata((("x-request-id", rid),))
         model = self.frontend.model_name
         replica_id = ""
         # The request's trace: continued from the client's traceparent; the replica continues ours.
