@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from expertmesh.cluster.router.replicas import ReplicaEndpoint, ReplicaSet
+from expertmesh.cluster.router.replicas import ReplicaEndpoint, ReplicaSet, cancel_task
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,8 @@ class RegistryClient:
         self._task = asyncio.get_running_loop().create_task(self._beat())
 
     async def stop(self, deregister: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         if deregister:
             await self.handle.deregister.remote(self.replica_id)
 
@@ -220,10 +215,5 @@ class RegistryWatcher:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None

@@ -30,6 +30,17 @@ CHANNEL_OPTIONS = [
 
 
 @dataclass(frozen=True)
+
+async def cancel_task(task: asyncio.Task | None) -> None:
+    """Cancel a background task and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
 class ReplicaEndpoint:
     replica_id: str
     address: str  # host:port of the replica's EngineService
@@ -223,13 +234,8 @@ class ReplicaSet:
             self._task = asyncio.get_running_loop().create_task(self._probe_loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         for replica in list(self.replicas.values()) + list(self._leaving.values()):
             await replica.close()
         self.replicas.clear()
