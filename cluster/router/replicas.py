@@ -29,8 +29,6 @@ CHANNEL_OPTIONS = [
 ]
 
 
-@dataclass(frozen=True)
-
 async def cancel_task(task: asyncio.Task | None) -> None:
     """Cancel a background task and wait until it has stopped."""
     if task is None:
@@ -41,6 +39,8 @@ async def cancel_task(task: asyncio.Task | None) -> None:
     except asyncio.CancelledError:
         pass
 
+
+@dataclass(frozen=True)
 class ReplicaEndpoint:
     replica_id: str
     address: str  # host:port of the replica's EngineService
