@@ -73,9 +73,9 @@ class RankActor:
             log.exception("rank %d failed in a step", self.spec.ep_rank)
             raise RankFailure(f"rank {self.spec.ep_rank} failed: {type(exc).__name__}: {exc}") from exc
 
-    def expert_load(self) -> list[list[int]]:
+    def expert_load(self, window_s: float | None = None) -> list[list[int]]:
         assert self.worker is not None
-        return self.worker.expert_load().tolist()
+        return self.worker.expert_load(window_s).tolist()
 
     def inject_fault(self, message: str = "injected fault") -> None:
         """Makes the next step raise (for failure tests and drills)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from .step import SampledToken, StepInput, StepOutput
 
 log = logging.getLogger(__name__)
 
+LOAD_HISTORY_S = 600.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,6 +69,7 @@ class ModelWorker:
                              self.config.qk_rope_head_dim, dtype, self.device)
         self.sampler = Sampler(seed=spec.seed)
         self.states: dict[str, SamplingState] = {}
+        self._load_history: deque[tuple[float, torch.Tensor]] = deque()
         self.slots: dict[str, torch.Tensor] = {}
         log.info("rank %d/%d ready: experts [%d, %d), %d KV slots", self.rank, spec.ep_size, *self.expert_range, spec.kv_slots)
 
@@ -74,9 +77,27 @@ class ModelWorker:
     def routed_expert_param_count(self) -> int:
         return sum(m.experts.w13.numel() + m.experts.w2.numel() for m in self.model.moe_layers())
 
-    def expert_load(self) -> torch.Tensor:
-        """[moe layers, experts] tokens routed from this rank's requests (cumulative)."""
-        return torch.stack([m.load.counts for m in self.model.moe_layers()]) if self.model.moe_layers() else torch.zeros(0)
+    def expert_load(self, window_s: float | None = None) -> torch.Tensor:
+        """[moe layers, experts] tokens routed from this rank's requests: since start, or over the
+        last `window_s` seconds (from snapshots taken at most once a second, kept for 10 minutes)."""
+        now = self._cumulative_load()
+        if window_s is None:
+            return now
+        cutoff = time.monotonic() - window_s
+        base = next((c for t, c in self._load_history if t >= cutoff), None)
+        return now - base if base is not None else now
+
+    def _cumulative_load(self) -> torch.Tensor:
+        layers = self.model.moe_layers()
+        return torch.stack([m.load.counts for m in layers]) if layers else torch.zeros(0, dtype=torch.int64)
+
+    def _snapshot_load(self) -> None:
+        t = time.monotonic()
+        if self._load_history and t - self._load_history[-1][0] < 1.0:
+            return
+        self._load_history.append((t, self._cumulative_load()))
+        while self._load_history and t - self._load_history[0][0] > LOAD_HISTORY_S:
+            self._load_history.popleft()
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, work: StepInput) -> StepOutput:
@@ -91,6 +112,8 @@ class ModelWorker:
             self.states[req.request_id] = SamplingState(req.sampling, list(req.prompt_token_ids), [])
             self.slots[req.request_id] = torch.tensor(req.prefix_slots, dtype=torch.long)
         batch = self._batch(work)
+        if batch.num_tokens:
+            self._snapshot_load()  # before the step's tokens are counted: windows start at a step
         out = StepOutput(rank=self.rank)
         hidden = self.model(batch, self.kv)
         sample_rows = [i for i, s in enumerate(work.seqs) if s.sample]

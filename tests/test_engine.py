@@ -217,3 +217,21 @@ def test_requests_arriving_together_share_one_prefill(tiny_ckpt):
     assert engine.stats.prefill_tokens <= len(prompts[0]) + 3 * (len(prompts[0]) - 100 + 4)
     assert sorted(o.cached_tokens for o in out.values())[1:] == [100, 100, 100]
     assert [out[f"t{i}"].token_ids for i in range(4)] == hf_greedy(tiny_ckpt, prompts, 4)
+
+
+def test_expert_load_sliding_window(tiny_ckpt):
+    import time as _time
+
+    engine = make_engine(tiny_ckpt)
+    engine.run_to_completion([EngineRequest("e1", PROMPTS[3], greedy(4))])
+    first = torch.tensor(engine.executor.expert_load())
+    _time.sleep(1.1)
+    engine.run_to_completion([EngineRequest("e2", PROMPTS[1], greedy(4))])
+    total = torch.tensor(engine.executor.expert_load())
+    recent = torch.tensor(engine.executor.expert_load(window_s=0.5))
+    k = engine.model_config.num_experts_per_tok
+    moe_layers = total.shape[1]
+    tokens_e2 = len(PROMPTS[1]) + 3  # prompt + 3 decode steps (the 4th token is sampled, not fed)
+    assert int(first.sum()) == (len(PROMPTS[3]) + 3) * k * moe_layers
+    assert int(recent.sum()) == tokens_e2 * k * moe_layers
+    assert torch.equal(total, first + recent)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,14 +67,20 @@ class Engine:
         self.model_config = ModelConfig.from_dir(config.checkpoint)
         if self.model_config.n_routed_experts % config.ep_size:
             raise ValueError(f"ep_size={config.ep_size} must divide n_routed_experts={self.model_config.n_routed_experts}")
-        self.tokenizer = tokenizer or load_tokenizer(config.checkpoint)
-        self.scheduler = Scheduler(config.scheduler, config.ep_size)
-        if executor is None:
-            if config.ep_size == 1 and placement is None:
-                executor = LocalExecutor(self.worker_spec(0))
-            else:
-                executor = RayGroupExecutor(self.worker_spec(0), placement or PlacementSpec(), group_name,
-                                            collective_timeout_s=collective_timeout_s)
+        self.kv_buffer_slots = Scheduler.buffer_slots_for(config.scheduler)
+        # The tokenizer and SGLang's radix cache take seconds to import; the rank actors take
+        # seconds to start. Overlap them: the actors start while this thread loads the rest.
+        with ThreadPoolExecutor(1, thread_name_prefix="engine-init") as pool:
+            rest = pool.submit(lambda: (tokenizer or load_tokenizer(config.checkpoint),
+                                        Scheduler(config.scheduler, config.ep_size)))
+            if executor is None:
+                if config.ep_size == 1 and placement is None:
+                    executor = LocalExecutor(self.worker_spec(0))
+                else:
+                    executor = RayGroupExecutor(self.worker_spec(0), placement or PlacementSpec(), group_name,
+                                                collective_timeout_s=collective_timeout_s)
+            self.tokenizer, self.scheduler = rest.result()
+        assert self.scheduler.kv_buffer_slots == self.kv_buffer_slots
         self.executor = executor
         self.requests: dict[str, Request] = {}
         self.stats = StepStats()
@@ -81,7 +88,7 @@ class Engine:
 
     def worker_spec(self, rank: int) -> WorkerSpec:
         return WorkerSpec(checkpoint=str(self.config.checkpoint), dtype=self.config.dtype,
-                          kv_slots=self.scheduler.kv_buffer_slots, ep_rank=rank, ep_size=self.config.ep_size,
+                          kv_slots=self.kv_buffer_slots, ep_rank=rank, ep_size=self.config.ep_size,
                           progress=self.config.progress, seed=self.config.seed)
 
     # -- requests -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class Executor(Protocol):
     ep_size: int
 
     def step(self, inputs: list[StepInput]) -> list[StepOutput]: ...
-    def expert_load(self) -> list[list[list[int]]]: ...
+    def expert_load(self, window_s: float | None = None) -> list[list[list[int]]]: ...
     def describe(self) -> list[dict]: ...
     def shutdown(self) -> None: ...
 
@@ -45,8 +45,8 @@ class LocalExecutor:
     def step(self, inputs: list[StepInput]) -> list[StepOutput]:
         return [self.worker.step(inputs[0])]
 
-    def expert_load(self) -> list[list[list[int]]]:
-        return [self.worker.expert_load().tolist()]
+    def expert_load(self, window_s: float | None = None) -> list[list[list[int]]]:
+        return [self.worker.expert_load(window_s).tolist()]
 
     def describe(self) -> list[dict]:
         return self.info
@@ -145,10 +145,11 @@ class RayGroupExecutor:
 
         ray.get(self.actors[rank].inject_fault.remote(message))
 
-    def expert_load(self) -> list[list[list[int]]]:
+    def expert_load(self, window_s: float | None = None) -> list[list[list[int]]]:
+        """Per rank, [moe layer][expert] tokens routed (since start, or over the last window_s)."""
         import ray
 
-        return ray.get([a.expert_load.remote() for a in self.actors])
+        return ray.get([a.expert_load.remote(window_s) for a in self.actors])
 
     def describe(self) -> list[dict]:
         return self.info

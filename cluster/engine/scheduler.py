@@ -54,6 +54,13 @@ class Scheduler:
         self.reserved = [0] * ep_size  # KV slots promised to admitted requests but not allocated yet
 
     # -- sizes --------------------------------------------------------------------------------
+    @staticmethod
+    def buffer_slots_for(config: SchedulerConfig) -> int:
+        """Rows a rank's KV buffer needs (whole pages, plus the reserved page 0), known before
+        the radix cache exists."""
+        p = config.page_size
+        return config.kv_tokens_per_rank // p * p + p
+
     @property
     def kv_buffer_slots(self) -> int:
         return self.caches[0].buffer_slots
