@@ -185,6 +185,7 @@ def test_load_step_scales_up_serves_and_scales_down(app):
                     loads.append(engine_pb2_grpc.EngineServiceStub(ch).GetLoad(engine_pb2.EngineLoadRequest(), timeout=5))
             if sum(1 for ld in loads if ld.prompt_tokens_total > 0) >= 2:
                 new_replica_served_at = time.monotonic() - t0
+                starts = [e["metadata"].get("started_s") for e in entries]
                 break
         time.sleep(0.5)
     stop.set()
@@ -198,6 +199,7 @@ def test_load_step_scales_up_serves_and_scales_down(app):
     assert replicas_running() == 1, "did not scale back down"
     assert not failures, failures[:3]
     assert served[0] > 10
+    print(f"\nreplica start-up times (s): {starts}")
     print(f"\nscale-up: new replica serving {new_replica_served_at:.1f}s after load start; "
           f"scale-down {scaled_down_after:.1f}s after load end; {served[0]} requests, 0 failed")
 

@@ -87,7 +87,8 @@ class EngineReplica:
         address = await self.server.start()
         self.registry = get_or_create_registry(detached=True)
         ranks = [{k: v for k, v in r.items() if k != "read_tensor_names"} for r in engine.executor.describe()]
-        self._meta = {"model": name, "pid": str(os.getpid()), "ranks": json.dumps(ranks)}
+        self._meta = {"model": name, "pid": str(os.getpid()), "ranks": json.dumps(ranks),
+                      "started_s": f"{time.monotonic() - t0:.1f}"}
         await self.registry.register.remote(self.replica_id, address, self._meta)
         self._last_expert_sample = 0.0
         log.info("engine replica %s serving on %s in %.1fs", self.replica_id, address, time.monotonic() - t0)
