@@ -5,7 +5,10 @@ set -euo pipefail
 if ! command -v promtool >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "expertmesh: installing promtool (Debian package prometheus)"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if ! (apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+          apt-get install -y -qq --no-install-recommends prometheus >/dev/null); then
+      echo "expertmesh: could not install prometheus; the promtool check will skip" >&2
+    fi
     # the package starts a server on :9090 on some images; the tests need only the binary
     (command -v systemctl >/dev/null && systemctl stop prometheus 2>/dev/null) || pkill -x prometheus 2>/dev/null || true
   else
