@@ -26,7 +26,7 @@ class ForwardBatch:
         for n in self.extend_lens[:-1]:
             self.starts.append(self.starts[-1] + n)
         decode = [i for i, n in enumerate(self.extend_lens) if n == 1]
-        if len(decode) > 1:
+        if decode:
             lens = [self.ctx_slots[i].numel() for i in decode]
             width = max(lens)
             table = torch.zeros(len(decode), width, dtype=torch.long)
