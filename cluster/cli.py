@@ -69,8 +69,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         placement = PlacementSpec(strategy=args.placement, cpus_per_rank=args.cpus_per_rank)
     sched = SchedulerConfig(kv_tokens_per_rank=args.kv_tokens, page_size=args.page_size,
                             prefix_cache=not args.no_prefix_cache)
+    if args.device == "cuda" and placement is not None:
+        placement.gpus_per_rank = 1
     engine = Engine(EngineConfig(args.checkpoint, dtype=args.dtype, ep_size=args.ep_size, scheduler=sched,
-                                 progress=sys.stderr.isatty()), placement=placement)
+                                 progress=sys.stderr.isatty(), device=args.device), placement=placement)
     try:
         tok = engine.tokenizer
         prompts: list[tuple[str | None, list[int]]] = []
@@ -146,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank (NCCL)")
     g.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (Ray actors)")
     g.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     g.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])

@@ -39,6 +39,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
     progress: bool = False
+    device: str = "cpu"  # "cuda" on GPU ranks (each rank actor sees its own GPU as cuda:0)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Engine:
     def worker_spec(self, rank: int) -> WorkerSpec:
         return WorkerSpec(checkpoint=str(self.config.checkpoint), dtype=self.config.dtype,
                           kv_slots=self.kv_buffer_slots, ep_rank=rank, ep_size=self.config.ep_size,
-                          progress=self.config.progress, seed=self.config.seed)
+                          progress=self.config.progress, seed=self.config.seed, device=self.config.device)
 
     # -- requests -----------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:

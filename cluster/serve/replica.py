@@ -32,7 +32,8 @@ def engine_config_from(cfg: DeployConfig):
     sched = SchedulerConfig(kv_tokens_per_rank=kv.tokens_per_rank, page_size=kv.page_size, prefix_cache=kv.prefix_cache,
                             max_running_requests=s.max_running_requests, max_batch_tokens=s.max_batch_tokens,
                             chunked_prefill_tokens=s.chunked_prefill_tokens, max_waiting_requests=s.max_waiting_requests)
-    return EngineConfig(str(cfg.model.checkpoint), dtype=cfg.model.dtype, ep_size=cfg.parallel.ep_size, scheduler=sched)
+    return EngineConfig(str(cfg.model.checkpoint), dtype=cfg.model.dtype, ep_size=cfg.parallel.ep_size, scheduler=sched,
+                        device="cuda" if cfg.parallel.accelerator == "cuda" else "cpu")
 
 
 def placement_from(cfg: DeployConfig, placement_group=None, first_bundle: int = 1):
