@@ -16,6 +16,7 @@ from .attention import MLAttention
 from .config import ModelConfig
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
+from .packed import prepack_linears
 from .rope import RotaryEmbedding
 from ..profiling import NULL_PROFILER, StepProfiler
 
@@ -60,6 +61,16 @@ class DeepseekV3Model(nn.Module):
             layer.profiler = profiler
             if isinstance(layer.mlp, MoE):
                 layer.mlp.set_profiler(profiler)
+
+    def prepack(self) -> int:
+        """Packs the weights of CPU bf16 linears and routed experts for oneDNN, once, after loading
+        (kv_b_proj stays dense: absorbed decode reads its weight directly). Returns how many
+        weight matrices were packed; 0 where packing does not apply (fp32, CUDA)."""
+        n = prepack_linears(self, keep_dense=("kv_b_proj",))
+        for moe in self.moe_layers():
+            if moe.experts.prepack():
+                n += 2 * moe.experts.count
+        return n
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
