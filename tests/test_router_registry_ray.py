@@ -7,10 +7,11 @@ import pytest
 
 from _router_env import LoopThread, start_replica, start_router, wait_for
 from expertmesh.cluster.router.client import GenerationClient
-from expertmesh.cluster.router.registry import REGISTRY_NAMESPACE, RayRegistrySource, RegistryClient
+from expertmesh.cluster.router.registry import RayRegistrySource, RegistryClient, RegistryRef
 from expertmesh.cluster.router.synthetic import SyntheticEngine
 
-NAME = "ReplicaRegistry-router-test"  # not the production name: other Ray tests may run one
+REF = RegistryRef(app="router-test")  # an app of its own: other Ray tests may run one
+OTHER = RegistryRef(app="router-test-other")
 
 
 def test_router_discovers_replicas_through_ray_registry(ray_cluster, tiny_ckpt):
@@ -18,13 +19,15 @@ def test_router_discovers_replicas_through_ray_registry(ray_cluster, tiny_ckpt):
 
     lt = LoopThread()
     replica = start_replica(lt, SyntheticEngine(tiny_ckpt), tiny_ckpt, replica_id="ray-r1")
-    reg = RegistryClient("ray-r1", replica.address, {"node": "head"}, heartbeat_s=0.2, name=NAME)
+    reg = RegistryClient("ray-r1", replica.address, {"node": "head"}, heartbeat_s=0.2, ref=REF)
+    other = RegistryClient("other-r1", "127.0.0.1:1", heartbeat_s=0.2, ref=OTHER)  # another app's replica
     try:
         lt.run(reg.start())
-        actor = ray.get_actor(NAME, namespace=REGISTRY_NAMESPACE)
+        lt.run(other.start())
+        actor = ray.get_actor(REF.actor_name, namespace=REF.namespace)
         version, entries = ray.get(actor.snapshot.remote())
         assert [(e["replica_id"], e["address"]) for e in entries] == [("ray-r1", replica.address)]
-        router = start_router(lt, source=RayRegistrySource(name=NAME), policy="round_robin")
+        router = start_router(lt, source=RayRegistrySource(ref=REF), policy="round_robin")
         with GenerationClient(router.grpc_address, timeout=20) as c:
             assert len(c.complete("hi", max_tokens=3).token_ids) == 3
             assert [r.replica_id for r in c.load().replicas] == ["ray-r1"]
@@ -40,5 +43,22 @@ def test_router_discovers_replicas_through_ray_registry(ray_cluster, tiny_ckpt):
         lt.run(router.stop(0))
     finally:
         lt.run(replica.stop(0))
-        ray.kill(ray.get_actor(NAME, namespace=REGISTRY_NAMESPACE))
+        for ref in (REF, OTHER):
+            ray.kill(ray.get_actor(ref.actor_name, namespace=ref.namespace))
         lt.close()
+
+
+def test_a_replica_that_stops_heartbeating_expires(ray_cluster):
+    """kill -9 leaves no deregistration behind: the TTL drops the entry."""
+    import ray
+
+    from expertmesh.cluster.router.registry import get_or_create_registry
+
+    ref = RegistryRef(app="ttl-test")
+    actor = get_or_create_registry(ref, ttl_s=1.0)
+    try:
+        ray.get(actor.register.remote("gone", "127.0.0.1:1", {}))
+        assert [e["replica_id"] for e in ray.get(actor.snapshot.remote())[1]] == ["gone"]
+        assert wait_for(lambda: not ray.get(actor.snapshot.remote())[1], timeout=10)
+    finally:
+        ray.kill(actor)

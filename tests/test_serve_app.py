@@ -149,7 +149,7 @@ def test_request_trace_continues_client_context(app, otlp):
 def test_load_step_scales_up_serves_and_scales_down(app):
     from ray import serve  # noqa: F401  (status queries)
 
-    from expertmesh.cluster.router.registry import get_registry
+    from expertmesh.cluster.router.registry import RegistryRef, get_registry
 
     assert replicas_running() == 1
     failures: list[str] = []
@@ -175,7 +175,7 @@ def test_load_step_scales_up_serves_and_scales_down(app):
     new_replica_served_at = None
     while time.monotonic() - t0 < 120:
         seen_max[0] = max(seen_max[0], replicas_running())
-        _, entries = ray.get(get_registry().snapshot.remote())
+        _, entries = ray.get(get_registry(RegistryRef(APP)).snapshot.remote())
         if len(entries) >= 2:
             loads = []
             for e in entries:

@@ -96,6 +96,12 @@ def load_to_proto(load: LoadInfo, max_waiting: int = 0, healthy: bool = True) ->
     )
 
 
+def _served_dtype(engine: Any, cfg: Any) -> str:
+    """The dtype the ranks compute in (the engine's config), not the checkpoint's storage dtype."""
+    inner = getattr(engine, "engine", engine)  # AsyncEngine wraps the Engine
+    return str(getattr(getattr(inner, "config", None), "dtype", None) or cfg.torch_dtype)
+
+
 def model_info_from_engine(engine: Any) -> generate_pb2.ModelInfo:
     cfg = engine.model_config
     tok = getattr(engine, "tokenizer", None)
@@ -106,7 +112,7 @@ def model_info_from_engine(engine: Any) -> generate_pb2.ModelInfo:
         max_context_length=cfg.max_position_embeddings, num_hidden_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size, n_routed_experts=cfg.n_routed_experts,
         num_experts_per_tok=cfg.num_experts_per_tok, n_shared_experts=cfg.n_shared_experts,
-        dtype=str(cfg.torch_dtype), reasoning_model="<think>" in template,
+        dtype=_served_dtype(engine, cfg), reasoning_model="<think>" in template,
         eos_token_ids=[e for e in eos if e is not None],
     )
 

@@ -29,8 +29,11 @@ class RouterConfig(BaseModel):
     http_port: int | None = Field(None, ge=0, le=65535)  # OpenAI-compatible HTTP; None: off
     policy: Literal["cache_aware", "least_load", "round_robin"] = "cache_aware"
     cache_aware: CacheAwareSettings = Field(default_factory=CacheAwareSettings)
-    # Static replica addresses ("host:port" or "id=host:port"); empty: the Ray ReplicaRegistry.
+    # Static replica addresses ("host:port" or "id=host:port"); empty: the Ray ReplicaRegistry of
+    # application `app` in Ray namespace `ray_namespace` (only that app's replicas get traffic).
     replicas: list[str] = Field(default_factory=list)
+    app: str = Field("expertmesh", min_length=1)
+    ray_namespace: str = Field("expertmesh", min_length=1)
     registry_poll_s: float = Field(1.0, gt=0)
     probe_interval_s: float = Field(0.5, gt=0)
     max_attempts: int = Field(3, ge=1)  # replicas tried per request before giving up

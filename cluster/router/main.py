@@ -24,13 +24,18 @@ def build_config(argv: Sequence[str] | None) -> tuple[RouterConfig, argparse.Nam
     p.add_argument("--policy", choices=["cache_aware", "least_load", "round_robin"], default=None)
     p.add_argument("--replica", action="append", default=[], help="ID=HOST:PORT or HOST:PORT (repeatable); "
                    "none: discover replicas through the Ray ReplicaRegistry")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join for the registry (default: auto)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join for the registry (default: a new local one)")
+    p.add_argument("--app", default=None, help="route only to the replicas of this application (default: the "
+                   "config's name, else expertmesh)")
+    p.add_argument("--namespace", default=None, help="the application's Ray namespace (default: the config's, "
+                   "else expertmesh)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: what the first replica reports)")
     p.add_argument("--auth-token-env", default=None, help="environment variable holding the bearer token")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in dict(host=args.host, grpc_port=args.port, http_port=args.http_port,
-                                       policy=args.policy, tokenizer_path=args.tokenizer).items() if v is not None}
+                                       policy=args.policy, tokenizer_path=args.tokenizer, app=args.app,
+                                       ray_namespace=args.namespace).items() if v is not None}
     if args.replica:
         overrides["replicas"] = args.replica
     if args.auth_token_env:
@@ -43,7 +48,9 @@ def build_config(argv: Sequence[str] | None) -> tuple[RouterConfig, argparse.Nam
     if args.config:
         from expertmesh.cluster.config import load_config
 
-        config = RouterConfig.from_deploy_section(load_config(args.config).router, **overrides)
+        deploy = load_config(args.config)
+        overrides = {"app": deploy.name, "ray_namespace": deploy.ray.namespace, **overrides}
+        config = RouterConfig.from_deploy_section(deploy.router, **overrides)
     else:
         config = RouterConfig(**overrides)
     return config, args

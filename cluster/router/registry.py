@@ -1,11 +1,12 @@
 """How the router discovers engine replicas.
 
-On Ray, every engine replica registers its EngineService address with a small named actor
-(`ReplicaRegistry` in namespace "expertmesh") when it starts serving, and deregisters when Serve
-begins to drain it; the router polls the registry's version and re-syncs its replica set on change.
-A static list of addresses serves tests and development without Ray. Replicas that crash without
-deregistering are caught by the router's health probes at once and, when a TTL is set, dropped
-from the registry after they stop heart-beating.
+On Ray, every engine replica registers its EngineService address with a small named actor when
+it starts serving, heart-beats every HEARTBEAT_S, and deregisters when Serve begins to drain it;
+the router polls the registry's version and re-syncs its replica set on change. Each application
+has a registry of its own (named after the app, in the app's Ray namespace), so two apps on one
+cluster never see each other's replicas and one app's `down` leaves the other's alone. A replica
+that dies without deregistering (kill -9) stops heart-beating and is dropped after TTL_S.
+A static list of addresses serves tests and development without Ray.
 """
 from __future__ import annotations
 
@@ -19,8 +20,23 @@ from expertmesh.cluster.router.replicas import ReplicaEndpoint, ReplicaSet, canc
 
 log = logging.getLogger(__name__)
 
-REGISTRY_NAME = "ReplicaRegistry"
-REGISTRY_NAMESPACE = "expertmesh"
+REGISTRY_PREFIX = "ReplicaRegistry"
+DEFAULT_APP = "expertmesh"
+DEFAULT_NAMESPACE = "expertmesh"
+HEARTBEAT_S = 2.0
+TTL_S = 6.0  # three missed heartbeats
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    """Which registry: the one of application `app` in Ray namespace `namespace`."""
+
+    app: str = DEFAULT_APP
+    namespace: str = DEFAULT_NAMESPACE
+
+    @property
+    def actor_name(self) -> str:
+        return f"{REGISTRY_PREFIX}:{self.app}"
 
 
 @dataclass
@@ -53,10 +69,13 @@ class ReplicaRegistry:
         log.info("registered replica %s at %s (version %d)", replica_id, address, self.version)
         return self.version
 
-    def heartbeat(self, replica_id: str) -> bool:
+    def heartbeat(self, replica_id: str, metadata: dict[str, str] | None = None) -> bool:
+        """Refreshes the entry (and its metadata, when given); False when the registry forgot it."""
         entry = self._entries.get(replica_id)
         if entry is not None:
             entry.last_seen = time.time()
+            if metadata is not None:
+                entry.metadata = dict(metadata)
         return entry is not None
 
     def deregister(self, replica_id: str) -> int:
@@ -79,23 +98,24 @@ class ReplicaRegistry:
                 self.deregister(rid)
 
 
-def get_or_create_registry(ttl_s: float | None = None, detached: bool = False, name: str = REGISTRY_NAME):
-    """The cluster's registry actor (created on first use). Needs `ray.init` done. It restarts if
-    it dies; replicas then re-register on their next heartbeat (see RegistryClient)."""
+def get_or_create_registry(ref: RegistryRef = RegistryRef(), ttl_s: float | None = TTL_S, detached: bool = True):
+    """The application's registry actor (created on first use; detached, so it outlives whichever
+    of router and replica made it). Needs `ray.init` done. It restarts if it dies; replicas then
+    re-register on their next heartbeat (see RegistryClient)."""
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ReplicaRegistry)
-    options: dict[str, Any] = dict(name=name, namespace=REGISTRY_NAMESPACE, get_if_exists=True)
+    options: dict[str, Any] = dict(name=ref.actor_name, namespace=ref.namespace, get_if_exists=True)
     if detached:
         options["lifetime"] = "detached"
     return actor_cls.options(**options).remote(ttl_s)
 
 
-def get_registry(name: str = REGISTRY_NAME):
-    """The existing registry actor; raises ValueError when none runs."""
+def get_registry(ref: RegistryRef = RegistryRef()):
+    """The application's existing registry actor; raises ValueError when none runs."""
     import ray
 
-    return ray.get_actor(name, namespace=REGISTRY_NAMESPACE)
+    return ray.get_actor(ref.actor_name, namespace=ref.namespace)
 
 
 class RegistryClient:
@@ -103,16 +123,16 @@ class RegistryClient:
     if the registry restarted and forgot it), and deregisters when the replica starts draining."""
 
     def __init__(self, replica_id: str, address: str, metadata: dict[str, str] | None = None,
-                 heartbeat_s: float = 5.0, handle: Any = None, name: str = REGISTRY_NAME) -> None:
+                 heartbeat_s: float = HEARTBEAT_S, handle: Any = None, ref: RegistryRef = RegistryRef()) -> None:
         self.replica_id, self.address, self.metadata = replica_id, address, dict(metadata or {})
         self.heartbeat_s = heartbeat_s
-        self._handle, self._name = handle, name
+        self._handle, self._ref = handle, ref
         self._task: asyncio.Task | None = None
 
     @property
     def handle(self) -> Any:
         if self._handle is None:
-            self._handle = get_or_create_registry(name=self._name)
+            self._handle = get_or_create_registry(self._ref)
         return self._handle
 
     async def register(self) -> None:
@@ -122,7 +142,7 @@ class RegistryClient:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
-                if not await self.handle.heartbeat.remote(self.replica_id):
+                if not await self.handle.heartbeat.remote(self.replica_id, dict(self.metadata)):
                     log.warning("registry forgot replica %s; registering again", self.replica_id)
                     await self.register()
             except asyncio.CancelledError:
@@ -174,14 +194,14 @@ class StaticReplicaSource:
 
 
 class RayRegistrySource:
-    """Reads the named ReplicaRegistry actor."""
+    """Reads one application's ReplicaRegistry actor."""
 
-    def __init__(self, handle: Any = None, name: str = REGISTRY_NAME) -> None:
-        self._handle, self._name = handle, name
+    def __init__(self, handle: Any = None, ref: RegistryRef = RegistryRef()) -> None:
+        self._handle, self.ref = handle, ref
 
     async def snapshot(self) -> tuple[int, list[ReplicaEndpoint]]:
         if self._handle is None:
-            self._handle = get_or_create_registry(name=self._name)
+            self._handle = get_or_create_registry(self.ref)
         version, entries = await self._handle.snapshot.remote()
         return version, [ReplicaEndpoint(e["replica_id"], e["address"], e.get("metadata") or {}) for e in entries]
 

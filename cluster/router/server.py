@@ -20,7 +20,7 @@ from expertmesh.cluster.router.dispatcher import Delta, Dispatcher
 from expertmesh.cluster.router.errors import RouterError
 from expertmesh.cluster.router.frontend import Frontend, PreparedRequest, load_tokenizer
 from expertmesh.cluster.router.policies import RoutingPolicy, make_policy
-from expertmesh.cluster.router.registry import (RayRegistrySource, RegistryWatcher, ReplicaSource,
+from expertmesh.cluster.router.registry import (RayRegistrySource, RegistryRef, RegistryWatcher, ReplicaSource,
                                                 StaticReplicaSource)
 from expertmesh.cluster.router.replicas import ReplicaSet
 from expertmesh.cluster.engine.grpc_service import FINISH_TO_PROTO
@@ -143,7 +143,8 @@ class RouterServer:
                  frontend: Frontend | None = None, policy: RoutingPolicy | None = None) -> None:
         self.config = config
         if source is None:
-            source = StaticReplicaSource(config.replicas) if config.replicas else RayRegistrySource()
+            source = (StaticReplicaSource(config.replicas) if config.replicas
+                      else RayRegistrySource(ref=RegistryRef(config.app, config.ray_namespace)))
         self.source = source
         self.policy = policy or make_policy(config.policy, config.cache_aware.to_policy_config())
         self.replicas = ReplicaSet(probe_interval_s=config.probe_interval_s,

@@ -1,8 +1,9 @@
 """`expertmesh up | status | down`: the Serve application's lifecycle from the command line.
 
 `up` deploys onto a running cluster (`--address` or the config's ray.address) or starts an
-embedded local one with `ray start --head` bound to 127.0.0.1, so the application outlives the
-command; a small state file remembers where it went, so `status` and `down` need no flags.
+embedded local one (cluster/local_head.py: 127.0.0.1, its own token, the dashboard), so the
+application outlives the command; a small state file per app remembers where it went, so
+`status` and `down` need no flags.
 """
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ import argparse
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,113 +27,102 @@ def _state_file(name: str) -> Path:
     return state_dir() / f"{name}.json"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _read_state(name: str) -> dict[str, Any]:
+    path = _state_file(name)
+    return json.loads(path.read_text()) if path.exists() else {"name": name}
 
 
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
-
-
-def start_local_cluster(num_cpus: int | None) -> tuple[str, int]:
-    """A single-node Ray on 127.0.0.1 that outlives this command: `ray start --head --block` in a
-    session of its own, so `down` can stop exactly this cluster (by process group) and nothing else
-    on the machine. Returns (address, pid)."""
-    from expertmesh.cluster.ray_cluster import LOCAL_ENV
-
-    env = {**os.environ, **LOCAL_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
-    port = _free_port()
-    cmd = [_ray_bin(), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
-           f"--num-cpus={num_cpus or os.cpu_count() or 2}"]
-    state_dir().mkdir(parents=True, exist_ok=True)
-    logf = open(state_dir() / f"ray-{port}.log", "wb")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    while time.monotonic() - t0 < 120:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`ray start` exited with {proc.returncode}; see {logf.name}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        raise TimeoutError("the local Ray head did not come up in 120 s")
-    log.info("started a local Ray head on 127.0.0.1:%d in %.1fs (pid %d)", port, time.monotonic() - t0, proc.pid)
-    return f"127.0.0.1:{port}", proc.pid
-
-
-def stop_local_cluster(pid: int, timeout_s: float = 60.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def _known_token(address: str) -> str | None:
+    """The token file of a cluster that `up` started here (any app's state naming `address`)."""
+    if not state_dir().is_dir():
+        return None
+    for path in sorted(state_dir().glob("*.json")):
         try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.3)
-    os.killpg(pid, signal.SIGKILL)
+            st = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        token = st.get("ray_token_path")
+        if st.get("address") == address and token and Path(token).is_file():
+            return token
+    return None
 
 
-def _connect(address: str, namespace: str) -> None:
-    import ray
+def _prepare_env(address: str | None) -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is first imported: set the loopback
+    variables before any `import ray` for local clusters, and point Ray at the token of a cluster
+    that `up` started here."""
+    from expertmesh.cluster.ray_cluster import is_local_address, local_env, token_auth_env
 
-    from expertmesh.cluster.ray_cluster import local_env, token_auth_env
-
-    if address.startswith("127.0.0.1") or address.startswith("localhost"):
+    if is_local_address(address):
         local_env()
-    token_auth_env()
-    ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+    token_auth_env(_known_token(address) if address else None)
 
 
-def _wait_router(host: str, port: int, timeout_s: float) -> None:
+def _connect(address: str, namespace: str) -> Any:
+    from expertmesh.cluster.ray_cluster import join
+
+    return join(address, namespace, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _router_credentials(cfg: Any) -> Any:
+    """Plaintext, or TLS trusting the router's own certificate (self-signed or a chain with its CA)."""
+    import grpc
+
+    tls = cfg.router.tls
+    return None if tls is None else grpc.ssl_channel_credentials(root_certificates=Path(tls.cert_file).read_bytes())
+
+
+def _wait_router(cfg: Any, timeout_s: float) -> None:
+    """Until the router's health says SERVING, over TLS when the router serves TLS; the timeout names
+    the last thing seen and what Serve says about the application's deployments."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    target = f"{cfg.router.host}:{cfg.router.grpc_port}"
+    creds = _router_credentials(cfg)
     deadline = time.monotonic() + timeout_s
     last = "not reachable"
     while time.monotonic() < deadline:
         try:
-            with grpc.insecure_channel(f"{host}:{port}") as ch:
+            with (grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
         except grpc.RpcError as exc:
-            last = exc.code().name
+            last = f"{exc.code().name}: {exc.details()}"
+        failed = _app_failure(cfg.name)
+        if failed:
+            raise RuntimeError(f"the application '{cfg.name}' failed to deploy: {failed}")
         time.sleep(0.5)
-    raise TimeoutError(f"router at {host}:{port} not serving after {timeout_s:.0f}s (last: {last})")
+    raise TimeoutError(f"router at {target}{' (TLS)' if creds else ''} not serving after {timeout_s:.0f}s "
+                       f"(last: {last}); Serve says: {_app_failure(cfg.name, any_state=True) or 'nothing'}")
 
 
-def _prepare_env(address: str | None) -> None:
-    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is first imported: set the loopback
-    variables before any `import ray` for local clusters."""
-    from expertmesh.cluster.ray_cluster import local_env
+def _app_failure(name: str, any_state: bool = False) -> str | None:
+    """Serve's own words about an application that failed (or, with any_state, whatever it says)."""
+    from ray import serve
 
-    if address is None or address.startswith(("127.0.0.1", "localhost")):
-        local_env()
-        # `ray start` turns token auth on (Ray 2.60's default); the driver must ask for it too
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    else:
-        from expertmesh.cluster.ray_cluster import token_auth_env
-
-        token_auth_env()
+    try:
+        app = serve.status().applications.get(name)
+    except Exception as exc:  # noqa: BLE001 - status is a diagnosis, never the failure itself
+        return f"(serve.status failed: {exc})" if any_state else None
+    if app is None:
+        return None
+    if app.status.value not in ("DEPLOY_FAILED", "UNHEALTHY") and not any_state:
+        return None
+    parts = [f"{app.status.value}{': ' + app.message if app.message else ''}"]
+    parts += [f"{d}: {st.status.value} {st.message}".strip() for d, st in app.deployments.items() if st.message]
+    return "; ".join(parts)
 
 
 def up(config_path: str, address: str | None = None, timeout_s: float = 600.0, num_cpus: int | None = None) -> dict:
     from expertmesh.cluster.config import load_config
+    from expertmesh.cluster.local_head import start_local_head, stop_local_head
 
     cfg = load_config(config_path)
-    _prepare_env(address or cfg.ray.address)
-    from ray import serve
-    from ray.serve.config import ProxyLocation
-
+    address = address or cfg.ray.address
+    _prepare_env(address)
     ckpt = Path(cfg.model.checkpoint)
     if not (ckpt / "config.json").exists():
         spec = cfg.model.generate_if_missing
@@ -143,38 +130,69 @@ def up(config_path: str, address: str | None = None, timeout_s: float = 600.0, n
             raise FileNotFoundError(f"model.checkpoint {ckpt} does not exist and model.generate_if_missing is not set")
         from expertmesh.cluster.checkpoints import make_checkpoint
 
-        print(f"generating the {spec.preset} checkpoint at {ckpt}", file=sys.stderr)
+        log.info("generating the %s checkpoint at %s", spec.preset, ckpt)
         make_checkpoint(ckpt, preset=spec.preset, seed=spec.seed, fp8=spec.fp8)
-    address = address or cfg.ray.address
-    started_local = address is None
-    pid = None
-    if started_local:
-        address, pid = start_local_cluster(num_cpus)
-    state = {"name": cfg.name, "address": address, "started_local": started_local, "ray_pid": pid, "config": str(Path(config_path).resolve()),
+    head = None
+    if address is None:
+        head = start_local_head(state_dir(), cfg.name, num_cpus, cfg.ray.dashboard_port)
+        os.environ.update(head.env())
+        address = head.address
+    state = {"name": cfg.name, "address": address, "started_local": head is not None,
+             "ray_pid": head.pid if head else None, "ray_token_path": str(head.token_path) if head else _known_token(address),
+             "dashboard": head.dashboard_url if head else None, "config": str(Path(config_path).resolve()),
              "namespace": cfg.ray.namespace, "grpc": f"{cfg.router.host}:{cfg.router.grpc_port}",
+             "tls": cfg.router.tls is not None,
              "http": f"http://{cfg.router.host}:{cfg.router.http_port}" if cfg.router.http_port else None}
     state_dir().mkdir(parents=True, exist_ok=True)
     _state_file(cfg.name).write_text(json.dumps(state, indent=2))
+    t0 = time.monotonic()
     try:
+        from ray import serve
+        from ray.serve.config import ProxyLocation
+
         _connect(address, cfg.ray.namespace)
         from .app import build_app
 
         serve.start(proxy_location=ProxyLocation.Disabled, http_options={"host": "127.0.0.1"})
-        t0 = time.monotonic()
         serve.run(build_app({"config": cfg.to_dict()}), name=cfg.name, route_prefix=None, blocking=False)
-        _wait_router(cfg.router.host, cfg.router.grpc_port, timeout_s)
+        _wait_router(cfg, timeout_s)
     except BaseException:
-        if pid is not None:  # leave nothing behind that the user did not ask for
-            stop_local_cluster(pid)
-            _state_file(cfg.name).unlink(missing_ok=True)
+        _state_file(cfg.name).unlink(missing_ok=True)
+        if head is not None:  # leave nothing behind that the user did not ask for
+            import ray
+
+            ray.shutdown()
+            stop_local_head(head)
         raise
     state["ready_s"] = round(time.monotonic() - t0, 1)
     _state_file(cfg.name).write_text(json.dumps(state, indent=2))
     return state
 
 
+def _operator_view(st: dict[str, Any], address: str, dashboard_url: str | None) -> dict[str, Any]:
+    """Where an operator looks: the dashboard, Prometheus endpoints, and the environment that makes
+    `ray list actors` / `ray summary actors` talk to this cluster."""
+    import ray
+
+    dashboard = st.get("dashboard") or (dashboard_url if not dashboard_url or "://" in dashboard_url
+                                        else f"http://{dashboard_url}")
+    metrics = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+               for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
+    env = {"RAY_ADDRESS": address}
+    if dashboard:
+        env["RAY_API_SERVER_ADDRESS"] = dashboard
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        env["RAY_AUTH_MODE"] = "token"
+    token = st.get("ray_token_path") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token:
+        env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    return {"dashboard": dashboard, "metrics": metrics, "ray_env": env,
+            "grafana": "import docs/grafana-dashboard.json into Grafana, with a Prometheus data source that "
+                       "scrapes the metrics endpoints (series ray_expertmesh_*)"}
+
+
 def status(name: str = "expertmesh", address: str | None = None) -> dict[str, Any]:
-    st = json.loads(_state_file(name).read_text()) if _state_file(name).exists() else {"name": name}
+    st = _read_state(name)
     address = address or st.get("address")
     if not address:
         raise RuntimeError(f"no running application '{name}' recorded in {state_dir()}; pass --address")
@@ -182,21 +200,22 @@ def status(name: str = "expertmesh", address: str | None = None) -> dict[str, An
     import grpc
     from ray import serve
 
-    from expertmesh.cluster.router.registry import get_registry
+    from expertmesh.cluster.router.registry import RegistryRef, get_registry
     from expertmesh.v1 import engine_pb2, engine_pb2_grpc
 
-    _connect(address, st.get("namespace", "expertmesh"))
+    ctx = _connect(address, st.get("namespace", "expertmesh"))
     import ray
 
     app = serve.status().applications.get(name)
     out: dict[str, Any] = {"name": name, "address": address, "grpc": st.get("grpc"), "http": st.get("http"),
                            "app_status": app.status.value if app else "NOT_DEPLOYED", "deployments": {}, "replicas": []}
+    out.update(_operator_view(st, address, getattr(ctx, "dashboard_url", None)))
     if app:
         for dname, d in app.deployments.items():
             out["deployments"][dname] = {"status": d.status.value,
                                          "replicas": {getattr(k, "value", k): v for k, v in d.replica_states.items()}}
     try:
-        _, entries = ray.get(get_registry().snapshot.remote())
+        _, entries = ray.get(get_registry(RegistryRef(name, st.get("namespace", "expertmesh"))).snapshot.remote())
     except ValueError:
         entries = []
     for e in entries:
@@ -217,24 +236,28 @@ def status(name: str = "expertmesh", address: str | None = None) -> dict[str, An
 
 
 def down(name: str = "expertmesh", address: str | None = None) -> dict[str, Any]:
-    st = json.loads(_state_file(name).read_text()) if _state_file(name).exists() else {"name": name}
+    """Deletes this application and its registry, nothing of another app's; stops the local cluster
+    when `up` started one (and removes its token and Ray's address file)."""
+    from expertmesh.cluster.local_head import stop_local_head
+
+    st = _read_state(name)
     address = address or st.get("address")
     if not address:
         raise RuntimeError(f"no running application '{name}' recorded in {state_dir()}; pass --address")
     _prepare_env(address)
-    from ray import serve
-
     result = {"name": name, "deleted": False, "stopped_local_cluster": False}
     try:
+        from ray import serve
+
         _connect(address, st.get("namespace", "expertmesh"))
         serve.delete(name)
         result["deleted"] = True
+        import ray
+
+        from expertmesh.cluster.router.registry import RegistryRef, get_registry
+
         try:
-            import ray
-
-            from expertmesh.cluster.router.registry import get_registry
-
-            ray.kill(get_registry())
+            ray.kill(get_registry(RegistryRef(name, st.get("namespace", "expertmesh"))))
         except ValueError:
             pass
         if st.get("started_local"):
@@ -244,7 +267,7 @@ def down(name: str = "expertmesh", address: str | None = None) -> dict[str, Any]
             import ray
 
             ray.shutdown()
-            stop_local_cluster(int(st["ray_pid"]))
+            stop_local_head(pid=int(st["ray_pid"]), address=address, token_path=st.get("ray_token_path"))
             result["stopped_local_cluster"] = True
         _state_file(name).unlink(missing_ok=True)
     return result
@@ -265,6 +288,9 @@ def up_main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(state))
     return 0
 
@@ -275,7 +301,11 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("--address")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    st = status(args.name, args.address)
+    try:
+        st = status(args.name, args.address)
+    except (OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(st))
         return 0
@@ -290,6 +320,12 @@ def status_main(argv: list[str]) -> int:
         if r.get("expert_load"):
             per_expert = [sum(col) for col in zip(*[row for rank in r["expert_load"] for row in rank])]
             print(f"    tokens per expert (all MoE layers): {per_expert}")
+    print(f"Ray dashboard: {st['dashboard'] or 'off'}")
+    for url in st["metrics"]:
+        print(f"Prometheus metrics: {url}")
+    print(f"Grafana: {st['grafana']}")
+    print("For the ray CLI (ray list actors, ray summary actors, ray status):")
+    print("  export " + " ".join(f"{k}={v}" for k, v in st["ray_env"].items()))
     return 0
 
 
@@ -298,5 +334,9 @@ def down_main(argv: list[str]) -> int:
     p.add_argument("--name", default="expertmesh")
     p.add_argument("--address")
     args = p.parse_args(argv)
-    print(json.dumps(down(args.name, args.address)))
+    try:
+        print(json.dumps(down(args.name, args.address)))
+    except (OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -62,7 +62,7 @@ class EngineReplica:
         from expertmesh.cluster.engine.async_engine import AsyncEngine
         from expertmesh.cluster.engine.engine import Engine
         from expertmesh.cluster.engine.grpc_service import EngineServer
-        from expertmesh.cluster.router.registry import get_or_create_registry
+        from expertmesh.cluster.router.registry import RegistryClient, RegistryRef
         from expertmesh.cluster.telemetry.metrics import EngineMetrics
         from expertmesh.cluster.telemetry.tracing import setup_tracing
 
@@ -86,11 +86,12 @@ class EngineReplica:
                                    max_waiting=self.cfg.scheduler.max_waiting_requests,
                                    tokenizer_path=str(self.cfg.model.checkpoint))
         address = await self.server.start()
-        self.registry = get_or_create_registry(detached=True)
         ranks = [{k: v for k, v in r.items() if k != "read_tensor_names"} for r in engine.executor.describe()]
-        self._meta = {"model": name, "pid": str(os.getpid()), "ranks": json.dumps(ranks),
-                      "started_s": f"{time.monotonic() - t0:.1f}"}
-        await self.registry.register.remote(self.replica_id, address, self._meta)
+        meta = {"model": name, "pid": str(os.getpid()), "ranks": json.dumps(ranks),
+                "started_s": f"{time.monotonic() - t0:.1f}"}
+        # this app's registry only; the heartbeat carries the metadata and keeps the entry alive
+        self.registry = RegistryClient(self.replica_id, address, meta, ref=RegistryRef(self.cfg.name, self.cfg.ray.namespace))
+        await self.registry.start()
         self._last_expert_sample = 0.0
         log.info("engine replica %s serving on %s in %.1fs", self.replica_id, address, time.monotonic() - t0)
 
@@ -103,8 +104,7 @@ class EngineReplica:
             load = engine.executor.expert_load()
             if self.metrics is not None:
                 self.metrics.record_expert_load(load)
-            self._meta["expert_load"] = json.dumps(load)  # for `expertmesh status`, via the registry
-            self.registry.register.remote(self.replica_id, self.server.address, dict(self._meta))
+            self.registry.metadata["expert_load"] = json.dumps(load)  # for `expertmesh status`, next heartbeat
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         load = self.engine.load()
@@ -135,7 +135,7 @@ class EngineReplica:
     async def __del__(self) -> None:
         """Drain before the group goes: leave the registry, refuse new work, finish running requests."""
         try:
-            await self.registry.deregister.remote(self.replica_id)
+            await self.registry.stop(deregister=True)
         except Exception:
             log.warning("could not deregister %s", self.replica_id)
         self.engine.drain()
