@@ -87,6 +87,30 @@ class SampleResult:
     logprobs: list[SampledLogprob | None]  # per row; None where params.logprobs == 0
 
 
+_ARGMAX_BLOCK = 1024
+
+
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of [R, V] (ties -> lowest id), in two levels: the max of each block
+    of 1024 (a plain vectorised reduction), then the first maximum inside the first winning block.
+    Index-tracking reductions are not vectorised on CPU: max(dim).indices over a [32, 129280]
+    bf16 batch took 2.8 ms here, this ~1.0 ms. Same result, NaN included (amax and max both
+    propagate it)."""
+    rows, vocab = logits.shape
+    blk = _ARGMAX_BLOCK
+    if vocab < 4 * blk or rows == 0:
+        return logits.max(dim=-1).indices
+    full = vocab // blk * blk
+    block_max = logits[:, :full].reshape(rows, -1, blk).amax(dim=-1)
+    if full < vocab:
+        block_max = torch.cat([block_max, logits[:, full:].amax(dim=-1, keepdim=True)], dim=1)
+    block = block_max.max(dim=-1).indices
+    # past the end of a short last block, repeat its last element: a later copy of the maximum
+    # can never be the first one
+    cols = (block[:, None] * blk + torch.arange(blk, device=logits.device)).clamp_(max=vocab - 1)
+    return block * blk + logits.gather(1, cols).max(dim=-1).indices
+
+
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
     """In place on fp32 [B, V]. Repetition (HF/vLLM): for tokens seen in prompt+output, positive
     logits are divided by the penalty and non-positive ones multiplied; then OpenAI frequency and
@@ -161,9 +185,8 @@ class Sampler:
         batch = len(states)
         device = logits.device
         if all(st.params.greedy and not st.params.needs_penalties and not st.params.logprobs for st in states):
-            # the common greedy batch: argmax of the raw logits, no fp32 copy and no row gathers.
-            # max().indices is argmax (first maximum on ties) but ~4x faster on bf16 CPU tensors.
-            token_ids = logits.max(dim=-1).indices.tolist()
+            # the common greedy batch: argmax of the raw logits, no fp32 copy and no row gathers
+            token_ids = first_argmax(logits).tolist()
             for state, tok in zip(states, token_ids):
                 state.output_token_ids.append(tok)
             return SampleResult(token_ids=token_ids, logprobs=[None] * batch)
@@ -178,7 +201,7 @@ class Sampler:
         rand = [i for i, s in enumerate(states) if not s.params.greedy]
         if greedy:
             gidx = torch.tensor(greedy, device=device)
-            chosen[gidx] = logits[gidx].argmax(dim=-1)
+            chosen[gidx] = first_argmax(logits[gidx])
         if rand:
             chosen[torch.tensor(rand, device=device)] = self._sample(logits, states, rand)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expertmesh.actors.sampler import (Sampler, SamplingState, apply_min_p, apply_penalties,
-                                       apply_top_k_top_p, mix_seed)
+                                       apply_top_k_top_p, first_argmax, mix_seed)
 from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
 
 torch.set_num_threads(1)
@@ -31,6 +31,21 @@ def test_greedy_is_argmax(dtype: torch.dtype, device: str) -> None:
     assert res.token_ids == logits.argmax(dim=-1).tolist()
     assert res.token_ids[2] == 7
     assert res.logprobs == [None] * 6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [50, 4096, 5000, 129280, 129281])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_equals_argmax(vocab: int, dtype: torch.dtype, device: str) -> None:
+    logits = _logits(7, vocab, seed=vocab).to(dtype).to(device)
+    top = logits.max() + 1
+    logits[1, vocab - 1] = top  # in a short last block
+    logits[2, 3] = logits[2, vocab - 2] = top  # tie across blocks: the lower id
+    logits[3, 10] = logits[3, 11] = top  # tie inside a block
+    logits[4] = 0.5  # all equal
+    logits[5, vocab // 2] = float("nan")  # NaN wins, as in max()
+    assert first_argmax(logits).tolist() == logits.max(dim=-1).indices.tolist()
+    assert first_argmax(logits)[:5].tolist() == logits[:5].argmax(dim=-1).tolist()
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy() -> None:
