@@ -38,6 +38,9 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=False)
         self.scale = softmax_scale(config)
+        self._absorbed_key: tuple[int, int] | None = None
+        self._w_uk: torch.Tensor | None = None  # [heads, nope, rank]
+        self._w_uv_t: torch.Tensor | None = None  # [heads, rank, v]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,6 +54,8 @@ class MLAttention(nn.Module):
         k_rot = rope.rotate(k_rot.unsqueeze(1), cos, sin).squeeze(1)
         kv.write(self.layer, batch.out_slots, latent, k_rot)
 
+        if batch.decode_seqs and len(batch.decode_seqs) == t:  # pure decode: one row per sequence, in order
+            return self.o_proj(self._decode(q, batch, kv).reshape(t, self.num_heads * self.v_dim))
         out = x.new_empty(t, self.num_heads, self.v_dim)
         if batch.decode_seqs:
             out[batch.decode_rows] = self._decode(q[batch.decode_rows], batch, kv)
@@ -83,20 +88,28 @@ class MLAttention(nn.Module):
         return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [n, heads, v]
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj split per head into W_UK [heads, nope, rank] and W_UV [heads, v, rank]."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope], w[:, self.nope :]
+        """kv_b_proj split per head into W_UK [heads, nope, rank] and W_UV^T [heads, rank, v], as
+        contiguous bmm operands, rebuilt only when the weight changes."""
+        weight = self.kv_b_proj.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._absorbed_key != key or self._w_uk is None or self._w_uv_t is None:
+            w = weight.detach().view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+            self._w_uk = w[:, : self.nope].contiguous()
+            self._w_uv_t = w[:, self.nope :].transpose(1, 2).contiguous()
+            self._absorbed_key = key
+        return self._w_uk, self._w_uv_t
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
         """Many sequences, one new token each, attending in the latent space (DeepSeek's absorbed
         MLA): W_UK folds into the query and W_UV into the output, so the cached latents are read
         as they are instead of being expanded to per-head keys and values every step."""
-        w_uk, w_uv = self._absorbed()
+        w_uk, w_uv_t = self._absorbed()
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)  # [B, heads, *]
-        q_lat = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)
-        latent, k_pe = kv.read(self.layer, batch.decode_slots)  # [B, L, rank], [B, L, rope]
-        scores = (torch.matmul(q_lat, latent.transpose(1, 2)) + torch.matmul(q_rot, k_pe.transpose(1, 2))) * self.scale
-        scores = scores.masked_fill(batch.decode_pad[:, None, :], float("-inf"))  # [B, heads, L]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, heads, rank]
+        ctx = kv.read_joint(self.layer, batch.decode_slots)  # [B, L, rank + rope]: latent, k_pe
+        # one matmul over [rank | rope]: q_lat . latent + q_rot . k_pe
+        scores = torch.matmul(torch.cat([q_lat, q_rot], dim=-1), ctx.transpose(1, 2)).mul_(self.scale)
+        scores.masked_fill_(batch.decode_pad[:, None, :], float("-inf"))  # [B, heads, L]
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out_lat = torch.matmul(probs, latent)  # [B, heads, rank]
-        return torch.einsum("bhr,hvr->bhv", out_lat, w_uv)
+        out_lat = torch.matmul(probs, ctx[..., : self.kv_lora_rank])  # [B, heads, rank]
+        return torch.bmm(out_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, heads, v]
