@@ -456,9 +456,10 @@ def markdown(data: dict) -> str:
     ex = data.get("exact_fp32")
     if ex:
         lines.append("")
-        parts = [f"{LABELS.get(k, k)}: {'equal' if v['equal'] else 'differs at ' + str(v['first_divergence'])}"
+        xl = {"expertmesh": "expertmesh", "vllm": "vLLM CPU", "llama": "llama.cpp (F32 GGUF)"}
+        parts = [f"{xl.get(k, k)}: {'equal' if v['equal'] else 'differs from token ' + str(v['first_divergence'])}"
                  for k, v in ex["vs_transformers"].items()]
-        parts += [f"{LABELS.get(k, k)}: error ({v[:120]})" for k, v in ex["errors"].items()]
+        parts += [f"{xl.get(k, k)}: error ({v[:120]})" for k, v in ex["errors"].items()]
         lines.append(f"fp32 greedy tokens ({ex['prompt_len']} prompt + {ex['new_tokens']} new) vs transformers: "
                      + "; ".join(parts))
     if data.get("errors"):
