@@ -109,29 +109,34 @@ def start_local_head(state_dir: Path, name: str, num_cpus: int | None = None, da
 
 
 def stop_local_head(head: LocalHead | None = None, *, pid: int | None = None, address: str | None = None,
-                    token_path: Path | str | None = None, timeout_s: float = 60.0) -> None:
+                    token_path: Path | str | None = None, grace_s: float = 5.0) -> None:
     """Stops the head's process group and removes what pointed at it: its token and Ray's
-    `ray_current_cluster` file (which would make the next plain `ray.init()` join a dead address)."""
+    `ray_current_cluster` file (which would make the next plain `ray.init()` join a dead address).
+    Workers die with their raylet at once; the GCS and the autoscaler monitor ignore SIGTERM for
+    ~30 s, so after `grace_s` the group gets SIGKILL (the cluster keeps no state worth flushing)."""
     if head is not None:
         pid, address, token_path = head.pid, head.address, head.token_path
     if pid is not None:
-        _kill_group(pid, timeout_s)
+        _kill_group(pid, grace_s)
     if address:
         forget_address_file(address)
     if token_path:
         Path(token_path).unlink(missing_ok=True)
 
 
-def _kill_group(pid: int, timeout_s: float) -> None:
+def _kill_group(pid: int, grace_s: float) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
-        time.sleep(0.3)
-    os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -80,14 +80,20 @@ def join(address: str, namespace: str = "expertmesh", **kwargs):
     if is_local_address(address):
         local_env()
     token_auth_env()
+    had_token = has_token()
     try:
         ctx = ray.init(address=address, namespace=namespace, **kwargs)
-    except (AuthenticationError, ConnectionError, RuntimeError) as exc:
-        if isinstance(exc, AuthenticationError) or "token" in str(exc).lower():
+    except Exception as exc:
+        # Ray 2.60 refuses a driver without the cluster's token only after ~20 s of retries, as a
+        # plain "Failed to connect": with no token at hand that is the likely cause, so say so.
+        text = str(exc)
+        if isinstance(exc, AuthenticationError) or "token" in text.lower() or (
+                not had_token and "failed to connect" in text.lower()):
             raise RayTokenError(
-                f"the Ray cluster at {address} requires an authentication token and this process has none that it "
-                "accepts: set RAY_AUTH_TOKEN_PATH to the cluster's token file (`expertmesh status` prints it for "
-                "clusters that `expertmesh up` started), or RAY_AUTH_TOKEN to the token, with RAY_AUTH_MODE=token"
+                f"could not join the Ray cluster at {address}: it requires an authentication token and this process "
+                f"has {'none' if not had_token else 'one it does not accept'}. Set RAY_AUTH_TOKEN_PATH to the cluster's "
+                "token file (`expertmesh status` prints it for clusters that `expertmesh up` started) or RAY_AUTH_TOKEN "
+                "to the token, with RAY_AUTH_MODE=token"
             ) from exc
         raise
     log.info("joined the Ray cluster at %s", address)

@@ -145,6 +145,11 @@ def test_main_job_from_a_fresh_home(tmp_path, user_env, tiny_ckpt):
         assert listed.returncode == 0, listed.stderr[-2000:]
         assert all(n in listed.stdout for n in rank_names)
 
+        # a driver that lacks the cluster's token gets one error that says what to do
+        stranger = {**env, "EXPERTMESH_STATE_DIR": str(tmp_path / "elsewhere")}
+        refused = em("status", "--name", "em-app-a", "--address", state["address"], env=stranger, timeout=120)
+        assert refused.returncode == 1 and "RAY_AUTH_TOKEN_PATH" in refused.stderr, refused.stderr[-2000:]
+
         # a second app on the same cluster, its router on TLS: `up` finds the cluster's token by itself and
         # waits for the router over TLS
         state_b = last_json(em("up", str(cfg_b), "--address", state["address"], env=env, timeout=420))
