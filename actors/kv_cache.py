@@ -11,6 +11,7 @@ padding can point at it harmlessly. Which slots belong to whom is the scheduler'
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class MLAKVCache:
@@ -30,8 +31,10 @@ class MLAKVCache:
         return ctx[..., : self.kv_lora_rank], ctx[..., self.kv_lora_rank :]
 
     def read_joint(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """[..., kv_lora_rank + rope] per slot: latent then k_pe, in one gather."""
-        return self.joint[layer, slots]
+        """[..., kv_lora_rank + rope] per slot: latent then k_pe, in one gather. Through
+        F.embedding: a row gather that ran 10-15x faster here than advanced indexing
+        (`joint[layer, slots]`) for a [32, 1050]-slot batch."""
+        return F.embedding(slots, self.joint[layer])
 
     @property
     def nbytes(self) -> int:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..profiling import NULL_PROFILER
-from .experts import ExpertWeights, combine, permute_by_expert
+from .experts import ExpertWeights, combine, gather_rows, permute_by_expert
 
 # gloo's all_to_all has no bfloat16/float16 kernels; activations travel as fp32 there
 _GLOO_WIRE_DTYPES = (torch.float32, torch.float64)
@@ -32,7 +32,7 @@ class ExpertParallelExperts:
         wire = torch.float32 if self.wire_cast and x.dtype not in _GLOO_WIRE_DTYPES else x.dtype
         with self.profiler.span("dispatch"):
             order, _ = permute_by_expert(topk_ids, self.ep_size, bucket_of=lambda e: e // self.per_rank)
-            send_x = x[order // k].to(wire)
+            send_x = gather_rows(x, order // k).to(wire)
             per_expert = torch.bincount(topk_ids.flatten(), minlength=self.ep_size * self.per_rank)
             recv_per_expert = torch.empty_like(per_expert)
             dist.all_to_all_single(recv_per_expert, per_expert, group=self.group)

@@ -83,6 +83,12 @@ def permute_by_expert(topk_ids: torch.Tensor, num_buckets: int, bucket_of=None) 
     return order, counts
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows] for a 2-D x, as a plain row copy (F.embedding; advanced indexing is several times
+    slower on CPU for thousands of rows)."""
+    return F.embedding(rows, x)
+
+
 def combine(outputs: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
     """Weighted sum in fp32 of expert outputs (rows in `order`) back into token order."""
     weighted = outputs.float() * topk_weights.flatten()[order, None]
@@ -102,5 +108,5 @@ class LocalExperts:
         with self.profiler.span("experts"):
             local = topk_ids - self.weights.first
             order, counts = permute_by_expert(local, self.weights.count)
-            outs = self.weights.grouped_ffn(x[order // k], counts.tolist())
+            outs = self.weights.grouped_ffn(gather_rows(x, order // k), counts.tolist())
             return combine(outs, order, topk_weights, t, k)
