@@ -248,6 +248,8 @@ def run_peers(args, engines: dict, data: dict) -> None:
     names = list(engines)
     # warm-up (not measured): each engine once on each workload's shape, small
     for w in workloads(args, -1):
+        if w["name"] not in args.workloads:
+            continue
         prompts = w["prompts"][:4]
         for n in names:
             try:
@@ -259,6 +261,8 @@ def run_peers(args, engines: dict, data: dict) -> None:
         k = rep % len(names)
         order = names[k:] + names[:k]
         for w in workloads(args, rep):
+            if w["name"] not in args.workloads:
+                continue
             slot = runs.setdefault(w["name"], {"title": w["title"], "by_engine": {n: [] for n in names},
                                                "order": []})
             slot["order"].append(order)
@@ -272,6 +276,7 @@ def run_peers(args, engines: dict, data: dict) -> None:
                     slot["by_engine"][n].append({"error": str(exc)})
                     continue
                 expect = len(w["prompts"]) * w["new_tokens"]
+                r["load_avg_1m_after"] = os.getloadavg()[0]  # how busy the shared machine was
                 r["out_tok_s"] = r["output_tokens"] / r["wall_s"]
                 r["exact_length"] = r["output_tokens"] == expect
                 got[n] = r.pop("tokens")
@@ -522,6 +527,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 repeats, shorter EP phase")
     ap.add_argument("--repeats", type=int, default=None, help="default 5 (quick: 2)")
     ap.add_argument("--engines", nargs="+", default=["expertmesh", *PEERS], choices=["expertmesh", *PEERS])
+    ap.add_argument("--workloads", nargs="+", default=["batch1", "batch32", "prefix"],
+                    choices=["batch1", "batch32", "prefix"])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: benchmarks/results/ckpt-<preset>")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
