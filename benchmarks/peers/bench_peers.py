@@ -353,6 +353,7 @@ def run_ep(args, ckpt: Path, data: dict) -> None:
                     time.sleep(args.pause)
                     r = engines[key].generate(prompts[b], args.ep_new_tokens)
                     r.pop("tokens")
+                    r["load_avg_1m_after"] = os.getloadavg()[0]
                     r["out_tok_s"] = r["output_tokens"] / r["wall_s"]
                     rows[b][key].append(r)
                     log.info("EP rep %d batch %d %s %.2fs %.1f out tok/s", rep, b, key, r["wall_s"], r["out_tok_s"])
