@@ -6,6 +6,26 @@ from dataclasses import dataclass, field
 import torch
 
 
+MIN_SHARED_PREFIX = 64  # below this, attending a shared prefix separately costs more than it saves
+
+
+def shared_prefix_len(ctx: list[torch.Tensor], minimum: int | None = None) -> int:
+    """Length of the slot prefix common to every context (each keeps at least its last slot), or 0
+    when there is one context or the common prefix is shorter than `minimum` (MIN_SHARED_PREFIX)."""
+    minimum = MIN_SHARED_PREFIX if minimum is None else minimum
+    if len(ctx) < 2:
+        return 0
+    limit = min(c.numel() for c in ctx) - 1
+    if limit < minimum:
+        return 0
+    first = ctx[0][:limit]
+    same = torch.ones(limit, dtype=torch.bool)
+    for c in ctx[1:]:
+        same &= c[:limit] == first
+    n = limit if bool(same.all()) else int((~same).nonzero()[0])
+    return n if n >= minimum else 0
+
+
 @dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] new tokens of all sequences, concatenated
@@ -17,8 +37,11 @@ class ForwardBatch:
     starts: list[int] = field(default_factory=list)  # first row of each sequence in [T]
     decode_seqs: list[int] = field(default_factory=list)  # sequences decoded together (one new token each)
     decode_rows: torch.Tensor | None = None  # their rows in [T]
-    decode_slots: torch.Tensor | None = None  # [B, L] context slots, padded with slot 0
+    decode_slots: torch.Tensor | None = None  # [B, L] context slots after the shared prefix, padded with slot 0
     decode_pad: torch.Tensor | None = None  # [B, L] True where padded
+    # slots every decode sequence's context starts with (a radix-cache hit they all share), attended
+    # once for the whole batch instead of gathered per sequence; empty when there is none
+    decode_shared: torch.Tensor | None = None  # [P]
 
     def prepare(self) -> "ForwardBatch":
         device = self.input_ids.device
@@ -27,15 +50,18 @@ class ForwardBatch:
             self.starts.append(self.starts[-1] + n)
         decode = [i for i, n in enumerate(self.extend_lens) if n == 1]
         if decode:
-            lens = [self.ctx_slots[i].numel() for i in decode]
+            ctx = [self.ctx_slots[i].cpu() for i in decode]
+            shared = shared_prefix_len(ctx)
+            lens = [c.numel() - shared for c in ctx]
             width = max(lens)
             table = torch.zeros(len(decode), width, dtype=torch.long)
-            for row, i in enumerate(decode):
-                table[row, : lens[row]] = self.ctx_slots[i].cpu()
+            for row, c in enumerate(ctx):
+                table[row, : lens[row]] = c[shared:]
             self.decode_seqs = decode
             self.decode_rows = torch.tensor([self.starts[i] for i in decode], dtype=torch.long, device=device)
             self.decode_slots = table.to(device)
             self.decode_pad = (torch.arange(width).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)).to(device)
+            self.decode_shared = ctx[0][:shared].to(device)
         return self
 
     @property

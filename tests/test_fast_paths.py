@@ -1,16 +1,22 @@
 """Issue 14: the data plane's fast paths compute what the plain paths compute.
 
 oneDNN-packed bf16 weights must give the plain bf16 model's logits bit for bit, in prefill and in
-batched decode; fp32 (the token-exact mode) and non-CPU devices are left unpacked."""
+batched decode; fp32 (the token-exact mode) and non-CPU devices are left unpacked. Decode over a
+prefix every row shares equals per-row attention."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from _reference import PROMPTS
-from expertmesh.actors.forward_batch import ForwardBatch
+from _reference import PROMPTS, hf_greedy
+from expertmesh.actors import forward_batch
+from expertmesh.actors.forward_batch import ForwardBatch, shared_prefix_len
 from expertmesh.actors.model.packed import PackedLinear, can_pack
+from expertmesh.actors.sampling_params import SamplingParams
 from expertmesh.actors.worker import ModelWorker, WorkerSpec
+from expertmesh.cluster.engine.engine import Engine, EngineConfig
+from expertmesh.cluster.engine.scheduler import SchedulerConfig
+from expertmesh.cluster.engine.types import EngineRequest
 
 torch.set_num_threads(1)
 
@@ -58,3 +64,46 @@ def test_fp32_is_not_packed(tiny_ckpt):
     worker = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="float32", kv_slots=64, prepack=True))
     assert not any(isinstance(m, PackedLinear) for m in worker.model.modules())
     assert all(m.experts.packed is None for m in worker.model.moe_layers())
+
+
+def test_shared_prefix_len():
+    a, b = torch.arange(1, 101), torch.cat([torch.arange(1, 81), torch.arange(500, 530)])
+    assert shared_prefix_len([a, b], minimum=64) == 80
+    assert shared_prefix_len([a, b], minimum=81) == 0
+    assert shared_prefix_len([a], minimum=1) == 0
+    assert shared_prefix_len([a, a.clone()], minimum=1) == 99  # each row keeps its last slot
+
+
+def test_decode_over_a_shared_prefix_equals_per_row_attention(tiny_ckpt, monkeypatch):
+    """fp32: the batch's common prefix attended once gives the per-row logits (to rounding), and
+    the engine's greedy tokens for requests sharing a radix-cached prefix stay transformers'."""
+    worker = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="float32", kv_slots=1024))
+    prefix = [0] + [700 + 11 * i for i in range(99)]
+    prompts = [prefix + [40 + i, 41 + i] for i in range(3)]
+    model, kv = worker.model, worker.kv
+    slots = torch.arange(1, 101)
+    model(ForwardBatch(torch.tensor(prefix), torch.arange(100), slots, [100], [slots]), kv)
+    ctx = []
+    for i, p in enumerate(prompts):
+        own = torch.tensor([200 + 10 * i, 201 + 10 * i])
+        model(ForwardBatch(torch.tensor(p[100:]), torch.arange(100, 102), own, [2], [torch.cat([slots, own])]), kv)
+        ctx.append(torch.cat([slots, own, torch.tensor([202 + 10 * i])]))
+
+    def decode() -> torch.Tensor:
+        batch = ForwardBatch(torch.tensor([5, 6, 7]), torch.full((3,), 102), torch.stack([c[-1] for c in ctx]),
+                             [1, 1, 1], ctx).prepare()
+        return batch, model.logits(model(batch, kv))
+
+    shared_batch, shared = decode()
+    monkeypatch.setattr(forward_batch, "MIN_SHARED_PREFIX", 10**9)
+    plain_batch, plain = decode()
+    assert shared_batch.decode_shared.numel() == 100 and plain_batch.decode_shared.numel() == 0
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    engine = Engine(EngineConfig(str(tiny_ckpt), scheduler=SchedulerConfig(kv_tokens_per_rank=2048, page_size=4)))
+    reqs = [EngineRequest(f"s{i}", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    out = engine.run_to_completion(reqs)
+    engine.shutdown()
+    assert sorted(o.cached_tokens for o in out.values())[1:] == [100, 100]
+    assert [out[r.request_id].token_ids for r in reqs] == hf_greedy(tiny_ckpt, prompts, 12)

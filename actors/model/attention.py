@@ -106,10 +106,21 @@ class MLAttention(nn.Module):
         w_uk, w_uv_t = self._absorbed()
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)  # [B, heads, *]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, heads, rank]
+        q_cat = torch.cat([q_lat, q_rot], dim=-1)  # [B, heads, rank + rope]
         ctx = kv.read_joint(self.layer, batch.decode_slots)  # [B, L, rank + rope]: latent, k_pe
         # one matmul over [rank | rope]: q_lat . latent + q_rot . k_pe
-        scores = torch.matmul(torch.cat([q_lat, q_rot], dim=-1), ctx.transpose(1, 2)).mul_(self.scale)
-        scores.masked_fill_(batch.decode_pad[:, None, :], float("-inf"))  # [B, heads, L]
+        scores = torch.matmul(q_cat, ctx.transpose(1, 2))  # [B, heads, L]
+        shared = batch.decode_shared
+        p = 0 if shared is None else shared.numel()
+        if p:  # the prefix all rows share: gathered once, one [B * heads, P] matmul for the batch
+            ctx_shared = kv.read_joint(self.layer, shared)  # [P, rank + rope]
+            b, h, d = q_cat.shape
+            scores = torch.cat([torch.mm(q_cat.reshape(b * h, d), ctx_shared.t()).view(b, h, p), scores], dim=-1)
+        scores.mul_(self.scale)
+        scores[..., p:].masked_fill_(batch.decode_pad[:, None, :], float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out_lat = torch.matmul(probs, ctx[..., : self.kv_lora_rank])  # [B, heads, rank]
+        out_lat = torch.matmul(probs[..., p:], ctx[..., : self.kv_lora_rank])  # [B, heads, rank]
+        if p:
+            b, h, _ = out_lat.shape
+            out_lat += torch.mm(probs[..., :p].reshape(b * h, p), ctx_shared[:, : self.kv_lora_rank]).view(b, h, -1)
         return torch.bmm(out_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, heads, v]
