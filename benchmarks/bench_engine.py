@@ -16,6 +16,10 @@ Raw numbers → benchmarks/results/engine.json, plot → benchmarks/results/engi
     python benchmarks/bench_engine.py                 # full run (~4-6 min here)
     python benchmarks/bench_engine.py --quick         # smaller, one repeat (~1-2 min)
     python benchmarks/bench_engine.py --dtype float32 # fp32 (tokens must equal HF's exactly)
+    python benchmarks/bench_engine.py --ab-base 6d3b407 --threads 2
+        # this checkout's data plane (actors/) vs the actors/ of an older commit, on the issue-14
+        # workloads (batch 1 and 32 of 128 prompt + 128 new; 32 x (1000 shared + 32) prefix, 32
+        # new, cache on), one subprocess per side, alternating which goes first; per-repeat ratios
 """
 from __future__ import annotations
 
@@ -218,7 +222,7 @@ def _categorize(events, cfg) -> dict[str, float]:
         name, shapes = e.key, e.input_shapes or []
         ms = e.self_cpu_time_total / 1e3
         dims = [tuple(s) for s in shapes if isinstance(s, (list, tuple)) and len(s) == 2]
-        if name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear"):
+        if name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "mkldnn::_linear_pointwise"):
             if any(v in d for d in dims):
                 cats["lm_head matmul"] += ms
             elif any(d[-1] == cfg.kv_lora_rank for d in dims[:1]) and any(kv_b_out in d for d in dims[1:]):
@@ -326,6 +330,97 @@ def profile_decode(eng, hf, cfg, batch: int, steps: int, seed: int, dtype: str) 
     return out
 
 
+# -- A/B of two data planes (this checkout's actors/ vs an older commit's) ---------------------------------------
+AB_WORKLOADS = ("batch1", "batch32", "prefix")
+
+
+def ab_workloads(eng, seed: int) -> dict:
+    """The issue-14 workloads on one engine: output tokens/s (wall, prefill included) and tokens."""
+    import random
+
+    out = {}
+    for name, b in (("batch1", 1), ("batch32", 32)):
+        r = engine_run(eng, benchlib.random_prompts(b, 128, 128, seed=seed + b), 128, f"ab-{name}")
+        out[name] = {"tok_s": r["output_tokens"] / r["wall_s"], "tokens": r["tokens"]}
+    rng = random.Random(seed + 1000)
+    prefix = [rng.randrange(2, 120_000) for _ in range(1000)]
+    prompts = [prefix + [rng.randrange(2, 120_000) for _ in range(32)] for _ in range(32)]
+    r = engine_run(eng, prompts, 32, "ab-prefix")
+    out["prefix"] = {"tok_s": r["output_tokens"] / r["wall_s"], "tokens": r["tokens"],
+                     "cached_tokens": r["cached_tokens"]}
+    return out
+
+
+def ab_child(args) -> int:
+    """One side of --ab-base: load an engine on the actors/ in EXPERTMESH_AB_ACTORS (if set), run
+    the workloads, print one JSON line."""
+    import json
+    import os
+
+    actors = os.environ.get("EXPERTMESH_AB_ACTORS")
+    if actors:  # point the editable install's expertmesh.actors at the other checkout's folder
+        import importlib
+
+        for mod in list(sys.modules.values()):
+            mapping = getattr(mod, "MAPPING", None)
+            if isinstance(mapping, dict) and "expertmesh.actors" in mapping:
+                mapping["expertmesh.actors"] = actors
+        importlib.invalidate_caches()
+    benchlib.setup_env(args.threads)
+    ckpt = benchlib.ensure_checkpoint(args.preset)
+    eng = load_engine(ckpt, args.dtype, True, 40_000)
+    import expertmesh.actors
+
+    engine_run(eng, benchlib.random_prompts(2, 16, 24, seed=99), 4, "warm")
+    res = ab_workloads(eng, args.seed)
+    res["actors"] = str(Path(expertmesh.actors.__file__).parent)
+    eng.shutdown()
+    print("AB-RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+def ab_main(args) -> int:
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    base_dir = Path(tempfile.mkdtemp(prefix="expertmesh-ab-"))
+    archive = subprocess.run(["git", "-C", str(repo), "archive", args.ab_base, "actors"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(base_dir)], input=archive, check=True)
+    sides = {"base": str(base_dir / "actors"), "new": ""}
+    cmd = [sys.executable, __file__, "--ab-child", "--threads", str(args.threads), "--dtype", args.dtype,
+           "--preset", args.preset, "--seed", str(args.seed)]
+    runs: dict[str, list[dict]] = {"base": [], "new": []}
+    repeats = args.repeats or 3
+    for rep in range(repeats):
+        for side in (("base", "new") if rep % 2 == 0 else ("new", "base")):
+            env = {**os.environ, "EXPERTMESH_AB_ACTORS": sides[side]}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("AB-RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"{side} run failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(line[len("AB-RESULT "):])
+            runs[side].append(res)
+            log.info("rep %d %-4s (%s): %s", rep, side, res["actors"],
+                     ", ".join(f"{w} {res[w]['tok_s']:.1f} tok/s" for w in AB_WORKLOADS))
+    summary = {"base": args.ab_base, "threads": args.threads, "dtype": args.dtype, "repeats": repeats}
+    print(f"\n== data plane A/B: this checkout vs actors/ of {args.ab_base} ({args.preset}, {args.dtype}, "
+          f"{args.threads} torch threads, output tok/s, wall incl. prefill) ==")
+    for w in AB_WORKLOADS:
+        base = [r[w]["tok_s"] for r in runs["base"]]
+        new = [r[w]["tok_s"] for r in runs["new"]]
+        ratios = [n / b for n, b in zip(new, base)]
+        same = all(rb[w]["tokens"] == rn[w]["tokens"] for rb, rn in zip(runs["base"], runs["new"]))
+        summary[w] = {"base_tok_s": base, "new_tok_s": new, "ratio_per_repeat": ratios, "tokens_identical": same}
+        print(f"{w:>8}: base {fmt(median(base), 1)} -> new {fmt(median(new), 1)} tok/s (median); ratio per repeat "
+              f"{', '.join(fmt(x) for x in ratios)}; same tokens as base: {same}")
+    benchlib.write_json(args.out / f"engine_ab_{args.dtype}_t{args.threads}.json", summary)
+    return 0
+
+
 # -- output ---------------------------------------------------------------------------------------------------
 def plot(data: dict, path: Path) -> None:
     import matplotlib
@@ -395,10 +490,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=benchlib.RESULTS)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings here)")
+    ap.add_argument("--ab-base", default=None, metavar="GIT_REV",
+                    help="compare this checkout's actors/ with those of GIT_REV on the issue-14 workloads")
+    ap.add_argument("--ab-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("expertmesh", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.ab_child:
+        return ab_child(args)
+    if args.ab_base:
+        return ab_main(args)
     q = args.quick
     repeats = args.repeats or (1 if q else 3)
     batches = args.batches or ([1, 8] if q else [1, 32])
@@ -407,7 +510,7 @@ def main(argv=None) -> int:
     px_len = args.prefix_len or (512 if q else 1024)
     px_new = args.prefix_new_tokens or (8 if q else 16)
 
-    benchlib.setup_env()
+    benchlib.setup_env(args.threads)
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -416,7 +519,7 @@ def main(argv=None) -> int:
 
     cfg = ModelConfig.from_dir(str(ckpt))
     data: dict = {"config": {"preset": args.preset, "dtype": args.dtype, "repeats": repeats, "quick": q,
-                             "torch_threads": 1, "checkpoint": str(ckpt)},
+                             "torch_threads": args.threads, "checkpoint": str(ckpt)},
                   "machine": benchlib.machine_info()}
     t0 = time.perf_counter()
     kv_px = n_px * (px_len + 24 + px_new + 48)
