@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from expertmesh.cluster.engine.approx_tree import ApproxPrefixTree
+from expertmesh.cluster.router.approx_tree import ApproxPrefixTree
 from expertmesh.cluster.engine.prefix_cache import PrefixCache
 
 logger = logging.getLogger("prefix_cache_bench")

@@ -167,11 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 PASSTHROUGH = {
     "chat": ("expertmesh.cluster.router.client_cli", "chat_main", "interactive streaming chat with a router"),
     "client": ("expertmesh.cluster.cli", "client_main", "gRPC client commands: generate"),
-    "manifests": ("expertmesh.cluster.manifests", "manifests_main", "render/validate KubeRay manifests"),
+    "manifests": ("expertmesh.cluster.kube.manifests", "manifests_main", "render/validate KubeRay manifests"),
     "router": ("expertmesh.cluster.router.main", "router_main", "run a standalone router in front of given replicas"),
-    "up": ("expertmesh.cluster.serve.main", "up_main", "start the Serve application from a config"),
-    "status": ("expertmesh.cluster.serve.main", "status_main", "show replicas, ranks, queues, KV, expert load"),
-    "down": ("expertmesh.cluster.serve.main", "down_main", "stop the Serve application"),
+    "up": ("expertmesh.cluster.serve.commands", "up_main", "start the Serve application from a config"),
+    "status": ("expertmesh.cluster.serve.commands", "status_main", "show replicas, ranks, queues, KV, expert load"),
+    "down": ("expertmesh.cluster.serve.commands", "down_main", "stop the Serve application"),
 }
 
 

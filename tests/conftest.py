@@ -60,6 +60,24 @@ def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_ckpt(tmp_path_factory, "small", preset="small", seed=0)
 
 
+# ---- markers -----------------------------------------------------------------------------------
+
+SLOW_FIXTURES = {"ray_cluster"}  # a test that needs Ray is slow by definition
+# whole modules that start subprocesses or run the engine against transformers, seconds per test
+SLOW_MODULES = {"test_main_job", "test_router_main", "test_import_boundaries", "test_engine",
+                "test_model_reference", "test_router_cache"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow` on every test that uses the session's Ray cluster or lives in a SLOW_MODULES file,
+    so `pytest -m "not slow"` is the fast loop; CI runs everything."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or (
+                module is not None and module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
+
+
 # ---- Ray: one cluster per test session ----------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from expertmesh.cluster import kube_validate as kv
+from expertmesh.cluster.kube import validate as kv
 from expertmesh.cluster.config import load_config
-from expertmesh.cluster.manifests import (
+from expertmesh.cluster.kube.manifests import (
     PROFILES,
     RenderError,
     dump_yaml,
@@ -375,7 +375,7 @@ def test_dockerfile_builds_the_images_the_manifests_use() -> None:
 
     import ray
 
-    from expertmesh.cluster import manifests
+    from expertmesh.cluster.kube import manifests
 
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-cpu AS cpu$", dockerfile, re.M)

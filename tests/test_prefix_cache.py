@@ -15,7 +15,7 @@ from expertmesh.cluster.engine import sglang_import
 
 pytest.importorskip("sglang", reason="sglang is installed by scripts/setup.sh")
 
-from expertmesh.cluster.engine.approx_tree import ApproxPrefixTree  # noqa: E402
+from expertmesh.cluster.router.approx_tree import ApproxPrefixTree  # noqa: E402
 from expertmesh.cluster.engine.prefix_cache import PrefixCache, PrefixHandle  # noqa: E402
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from expertmesh.cluster.engine.reasoning import ReasoningParser
+from expertmesh.cluster.router.reasoning import ReasoningParser
 
 
 def _run(pieces: list[str], starts_in_reasoning: bool = True) -> tuple[str, str, list[tuple[str, str]]]:

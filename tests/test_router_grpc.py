@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from _router_env import LoopThread, grpcurl_bin, real_engine, self_signed_cert, start_replica, start_router, wait_for
 from expertmesh.actors.sampling_params import SamplingParams
-from expertmesh.cluster.engine.reasoning import ReasoningParser
+from expertmesh.cluster.router.reasoning import ReasoningParser
 from expertmesh.cluster.engine.types import EngineRequest
 from expertmesh.cluster.router.client import GenerationClient
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc

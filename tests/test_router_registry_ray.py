@@ -42,6 +42,7 @@ def test_router_discovers_replicas_through_ray_registry(ray_cluster, tiny_ckpt):
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         lt.run(router.stop(0))
     finally:
+        lt.run(other.stop(deregister=False))
         lt.run(replica.stop(0))
         for ref in (REF, OTHER):
             ray.kill(ray.get_actor(ref.actor_name, namespace=ref.namespace))
@@ -62,3 +63,36 @@ def test_a_replica_that_stops_heartbeating_expires(ray_cluster):
         assert wait_for(lambda: not ray.get(actor.snapshot.remote())[1], timeout=10)
     finally:
         ray.kill(actor)
+
+
+def test_replica_host_registers_serves_and_drains_without_serve(ray_cluster, tiny_ckpt):
+    """The replica's wiring as a plain object (what Serve's EngineReplica wraps): it registers in its
+    app's registry with its ranks, heart-beats, a router finds and uses it, and the drain deregisters."""
+    import json
+
+    import ray
+
+    from expertmesh.cluster.engine.engine import Engine, EngineConfig
+    from expertmesh.cluster.engine.replica_host import ReplicaHost, ReplicaSettings
+
+    ref = RegistryRef(app="host-test")
+    lt = LoopThread()
+    host = ReplicaHost(Engine(EngineConfig(str(tiny_ckpt))), ReplicaSettings("host-r1", app=ref.app,
+                                                                             telemetry_metrics=False))
+    try:
+        address = lt.run(host.start())
+        actor = ray.get_actor(ref.actor_name, namespace=ref.namespace)
+        (entry,) = ray.get(actor.snapshot.remote())[1]
+        assert entry["replica_id"] == "host-r1" and entry["address"] == address
+        assert [r["rank"] for r in json.loads(entry["metadata"]["ranks"])] == [0]
+        router = start_router(lt, source=RayRegistrySource(ref=ref), policy="round_robin")
+        with GenerationClient(router.grpc_address, timeout=60) as c:
+            assert len(c.complete("hi", max_tokens=3).token_ids) == 3
+        assert lt.run(host.status())["replica_id"] == "host-r1"
+        lt.run(host.drain_and_stop())
+        assert not ray.get(actor.snapshot.remote())[1]
+        assert wait_for(lambda: not router.replicas.replicas, timeout=10)
+        lt.run(router.stop(0))
+    finally:
+        ray.kill(ray.get_actor(ref.actor_name, namespace=ref.namespace))
+        lt.close()

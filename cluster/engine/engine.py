@@ -23,6 +23,7 @@ from .executor import Executor, GroupFailure, LocalExecutor, PlacementSpec, RayG
 from .request import Request, Status
 from .scheduler import Scheduler, SchedulerConfig
 from .types import EngineRequest, LoadInfo, RequestOutput, TokenLogprob
+from ..tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,6 @@ class StepStats:
     last_step_s: float = 0.0
     last_alltoall_s: float = 0.0
     finished: dict[str, int] = field(default_factory=dict)  # finish_reason → count
-
-
-def load_tokenizer(checkpoint: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(checkpoint))
 
 
 class Engine:

@@ -180,9 +180,12 @@ def _rank_error(exc: Exception) -> str:
 
 
 def _is_local() -> bool:
+    """This node runs on loopback (a local cluster): keep the ranks' gloo traffic there too."""
     import ray
 
+    from expertmesh.cluster.ray_cluster import is_local_address
+
     try:
-        return ray.util.get_node_ip_address() in ("127.0.0.1", "localhost")
+        return is_local_address(ray.util.get_node_ip_address())
     except Exception:
         return False

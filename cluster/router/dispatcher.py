@@ -18,8 +18,8 @@ from typing import AsyncIterator
 import grpc
 from grpc import aio
 
-from expertmesh.cluster.engine.grpc_service import FINISH_FROM_PROTO, sampling_to_proto
-from expertmesh.cluster.engine.reasoning import ReasoningParser
+from expertmesh.cluster.wire import FINISH_FROM_PROTO, sampling_to_proto
+from expertmesh.cluster.router.reasoning import ReasoningParser
 from expertmesh.cluster.router.errors import RouterError
 from expertmesh.cluster.router.frontend import PreparedRequest
 from expertmesh.cluster.router.policies import RoutingPolicy

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import grpc
 
 from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
-from expertmesh.cluster.engine.grpc_service import sampling_from_proto
-from expertmesh.cluster.engine.reasoning import THINK_START
+from expertmesh.cluster.wire import sampling_from_proto
+from expertmesh.cluster.router.reasoning import THINK_START
 from expertmesh.cluster.router.errors import RouterError
 from expertmesh.v1 import generate_pb2
 
@@ -31,12 +30,6 @@ class PreparedRequest:
     split_reasoning: bool
     starts_in_reasoning: bool  # the prompt already opened <think> (R1's template does)
     top_logprobs: int = 0  # alternatives per token to return (sampling.logprobs is at least 1 when on)
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 class Frontend:

@@ -99,7 +99,7 @@ class CacheAwareConfig:
 def _default_tree_factory() -> PrefixTree:
     import torch
 
-    from expertmesh.cluster.engine.approx_tree import ApproxPrefixTree
+    from expertmesh.cluster.router.approx_tree import ApproxPrefixTree
 
     # The tree's torch use is tiny bookkeeping tensors; OpenMP workers spinning after each op
     # would take the event loop's core (measured: +0.3-0.9 ms per request on 2 shared cores).

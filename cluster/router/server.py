@@ -18,12 +18,13 @@ from expertmesh.cluster.router.auth import BearerTokenInterceptor, server_creden
 from expertmesh.cluster.router.config import RouterConfig
 from expertmesh.cluster.router.dispatcher import Delta, Dispatcher
 from expertmesh.cluster.router.errors import RouterError
-from expertmesh.cluster.router.frontend import Frontend, PreparedRequest, load_tokenizer
+from expertmesh.cluster.router.frontend import Frontend, PreparedRequest
+from expertmesh.cluster.tokenizer import load_tokenizer
 from expertmesh.cluster.router.policies import RoutingPolicy, make_policy
 from expertmesh.cluster.router.registry import (RayRegistrySource, RegistryRef, RegistryWatcher, ReplicaSource,
                                                 StaticReplicaSource)
 from expertmesh.cluster.router.replicas import ReplicaSet
-from expertmesh.cluster.engine.grpc_service import FINISH_TO_PROTO
+from expertmesh.cluster.wire import FINISH_TO_PROTO
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 

@@ -27,7 +27,7 @@ class SyntheticEngine:
                  script: str | list[int] | None = None) -> None:
         """Emits `word` max_tokens times, or, with `script` (text or token ids), the script's tokens
         (detokenized as the engine does) and then stops as at EOS."""
-        from expertmesh.cluster.router.frontend import load_tokenizer
+        from expertmesh.cluster.tokenizer import load_tokenizer
 
         self.checkpoint = str(checkpoint)
         self.model_config = ModelConfig.from_dir(checkpoint)

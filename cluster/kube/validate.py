@@ -86,8 +86,8 @@ class ManifestInvalid(Exception):
 
 
 def repo_root() -> Path:
-    """The checkout holding this package (cluster/ sits at its top)."""
-    return PACKAGE_DIR.parent
+    """The checkout holding this package (cluster/kube/ sits two levels below its top)."""
+    return PACKAGE_DIR.parent.parent
 
 
 def shared_dir() -> Path:

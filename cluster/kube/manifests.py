@@ -493,7 +493,7 @@ def kustomize_build(path: str | Path) -> str:
 
 
 def _validate_paths(paths: list[str]) -> int:
-    from expertmesh.cluster import kube_validate
+    from expertmesh.cluster.kube import validate as kube_validate
 
     failures = 0
     for raw in paths:
@@ -541,7 +541,7 @@ def manifests_main(argv: list[str] | None = None) -> int:
         if args.serve_config:
             text = yaml.dump(serve_config(_checked(cfg), args.overlay), Dumper=_Dumper, sort_keys=False, width=100)
         else:
-            from expertmesh.cluster import kube_validate
+            from expertmesh.cluster.kube import validate as kube_validate
 
             docs = render_documents(cfg, args.overlay, args.kind)
             problems = kube_validate.validate_documents(docs)
