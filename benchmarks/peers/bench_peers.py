@@ -449,6 +449,11 @@ def markdown(data: dict) -> str:
             lines.append(f"| {r['title']} | " + " | ".join(cells) + " | " + " | ".join(rat) + " |")
         lines.append("")
         lines.append("Output tokens/s, medians over repeats; ratios: median (per repeat, same repeat's pair).")
+        if "prefix" in peers:
+            hits = {n: median([r.get("cached_tokens") for r in peers["prefix"]["runs"].get(n, []) if "error" not in r])
+                    for n in names}
+            lines.append("Prompt tokens served from a shared prefix (prefix workload, median): "
+                         + ", ".join(f"{LABELS[n]} {fmt(v, 0)}" for n, v in hits.items()))
     ep = data.get("ep")
     if ep and ep.get("rows"):
         lines.append("")
