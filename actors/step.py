@@ -16,6 +16,7 @@ class NewRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     prefix_slots: list[int]  # slots already holding the cached prefix's KV
+    resumed: int = 0  # the last `resumed` prompt tokens are earlier output (a resumed request)
 
 
 @dataclass

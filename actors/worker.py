@@ -115,7 +115,10 @@ class ModelWorker:
         for rid, slots in work.remap.items():
             self.slots[rid] = torch.tensor(slots, dtype=torch.long)
         for req in work.new_requests:
-            self.states[req.request_id] = SamplingState(req.sampling, list(req.prompt_token_ids), [])
+            # a resumed request's earlier output counts as output: penalties, seeded draw steps
+            split = len(req.prompt_token_ids) - req.resumed
+            self.states[req.request_id] = SamplingState(req.sampling, list(req.prompt_token_ids[:split]),
+                                                        list(req.prompt_token_ids[split:]))
             self.slots[req.request_id] = torch.tensor(req.prefix_slots, dtype=torch.long)
         batch = self._batch(work)
         if batch.num_tokens:

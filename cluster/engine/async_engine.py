@@ -94,6 +94,9 @@ class AsyncEngine:
             self._aborts.append(request_id)
         self._wake.set()
 
+    def failure(self) -> str | None:
+        return self.engine.failure()
+
     def load(self) -> LoadInfo:
         info = self.engine.load()
         info.waiting += len(self._adds)

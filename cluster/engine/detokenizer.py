@@ -111,6 +111,16 @@ class IncrementalDetokenizer:
                     break
         return best
 
+    def resume(self, token_ids: Sequence[int], emitted_chars: int) -> None:
+        """Take over a stream another detokenizer started: feed its tokens, and count the first
+        `emitted_chars` characters of their text as already emitted; text it held back (a stop
+        string's possible start, an incomplete character) comes out of later calls as usual."""
+        self._ids.extend(token_ids)
+        self._pending += self._decode_new(final=False)
+        full = self._text + self._pending
+        emitted_chars = min(emitted_chars, len(full))
+        self._text, self._pending = full[:emitted_chars], full[emitted_chars:]
+
     def add(self, token_ids: Sequence[int]) -> tuple[str, bool]:
         """Feed newly sampled tokens; return (text safe to emit now, whether a stop string hit).
         After a hit, further calls return ("", True)."""

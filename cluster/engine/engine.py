@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from expertmesh.actors.model.config import ModelConfig
@@ -92,10 +92,13 @@ class Engine:
         params = req.sampling.validate()
         ctx = self.model_config.max_position_embeddings
         n = len(req.prompt_token_ids)
+        if len(req.resume_token_ids) >= params.max_tokens:
+            raise InvalidRequestError("resume_token_ids", f"{len(req.resume_token_ids)} tokens already produced "
+                                                          f"leave nothing of max_tokens ({params.max_tokens})")
         if n == 0:
             raise InvalidRequestError("prompt", "must not be empty")
         vocab = self.model_config.vocab_size
-        bad = [t for t in req.prompt_token_ids if not (0 <= int(t) < vocab)]
+        bad = [t for t in (*req.prompt_token_ids, *req.resume_token_ids) if not (0 <= int(t) < vocab)]
         if bad:
             raise InvalidRequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if n >= ctx:
@@ -115,8 +118,12 @@ class Engine:
         if self.scheduler.queue_full():
             raise QueueFullError(f"{len(self.scheduler.waiting)} requests waiting (max_waiting_requests)")
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.sampling.stop)
-        r = Request(req.request_id, [int(t) for t in req.prompt_token_ids], req.sampling, detok,
-                    arrival=req.arrival_time)
+        params, resumed = req.sampling, [int(t) for t in req.resume_token_ids]
+        if resumed:  # prefill prompt + what was produced; sample on from there, streaming only what is new
+            detok.resume(resumed, req.resume_text_chars)
+            params = replace(params, max_tokens=params.max_tokens - len(resumed))
+        r = Request(req.request_id, [int(t) for t in req.prompt_token_ids] + resumed, params, detok,
+                    arrival=req.arrival_time, resumed=len(resumed))
         self.requests[r.request_id] = r
         self.scheduler.add(r)
         return r
@@ -128,6 +135,10 @@ class Engine:
         r.finish_reason = "abort"
         self._finish(r, cache_kv=True)
         return self._delta(r)
+
+    def failure(self) -> str | None:
+        """Why the rank group cannot step (a rank died or failed), or None."""
+        return getattr(self.executor, "failed", None) or None
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -205,8 +216,8 @@ class Engine:
     def _delta(self, r: Request) -> RequestOutput:
         out = RequestOutput(
             request_id=r.request_id, token_ids=r.pending_ids, text=r.pending_text, finished=r.finished,
-            finish_reason=r.finish_reason if r.finished else None, prompt_tokens=len(r.prompt),
-            completion_tokens=len(r.output), cached_tokens=r.cached_tokens,
+            finish_reason=r.finish_reason if r.finished else None, prompt_tokens=len(r.prompt) - r.resumed,
+            completion_tokens=r.resumed + len(r.output), cached_tokens=r.cached_tokens,  # the whole request's usage
             logprobs=r.pending_logprobs or None, error=r.error,
             metrics=r.metrics() if r.finished or (r.pending_ids and len(r.output) == len(r.pending_ids)) else None,
         )

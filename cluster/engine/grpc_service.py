@@ -74,10 +74,18 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         load.replica_id = load.replica_id or self.replica_id
         return load
 
+    def unavailable(self) -> str | None:
+        """Why this replica takes no requests now: draining, or its expert-parallel group failed."""
+        if self.draining:
+            return f"replica {self.replica_id} is draining"
+        failure = getattr(self.engine, "failure", lambda: None)()
+        return f"replica {self.replica_id}: {failure}" if failure else None
+
     async def Generate(self, request: engine_pb2.EngineGenerateRequest,
                        context: aio.ServicerContext) -> AsyncIterator[engine_pb2.EngineGenerateResponse]:
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica_id} is draining")
+        refused = self.unavailable()
+        if refused:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, refused)
         try:
             sampling = sampling_from_proto(request.sampling, prefix="sampling.")
         except InvalidRequestError as exc:
@@ -86,7 +94,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: must not be empty")
         req = EngineRequest(request_id=request.request_id or uuid.uuid4().hex,
                             prompt_token_ids=list(request.prompt_token_ids), sampling=sampling,
-                            trace_context=dict(request.trace_context) or None)
+                            trace_context=dict(request.trace_context) or None,
+                            resume_token_ids=list(request.resume_token_ids),
+                            resume_text_chars=request.resume_text_chars)
         stream = self.engine.generate(req)
         top_n = request.sampling.top_logprobs
         finished = False
@@ -124,10 +134,10 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         return engine_pb2.AbortResponse(found=bool(found))
 
     async def GetLoad(self, request: engine_pb2.EngineLoadRequest, context: aio.ServicerContext) -> generate_pb2.ReplicaLoad:
-        return load_to_proto(self._load(), self.max_waiting, healthy=not self.draining)
+        return load_to_proto(self._load(), self.max_waiting, healthy=self.unavailable() is None)
 
     async def Health(self, request: engine_pb2.HealthRequest, context: aio.ServicerContext) -> engine_pb2.HealthResponse:
-        return engine_pb2.HealthResponse(serving=not self.draining, replica_id=self.replica_id)
+        return engine_pb2.HealthResponse(serving=self.unavailable() is None, replica_id=self.replica_id)
 
     async def GetInfo(self, request: engine_pb2.EngineInfoRequest, context: aio.ServicerContext) -> engine_pb2.EngineInfo:
         return engine_pb2.EngineInfo(replica_id=self.replica_id, model=model_info_from_engine(self.engine),

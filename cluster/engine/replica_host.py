@@ -56,11 +56,14 @@ class ReplicaHost:
         self.registry = registry  # a RegistryClient; None: made in start() for this app's registry
         self._last_expert_sample = 0.0
         self._t0 = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._left_registry = False
 
     async def start(self) -> str:
         """Serves EngineService and registers it (then heart-beats). Returns the address."""
         from expertmesh.cluster.router.registry import RegistryClient, RegistryRef
 
+        self._loop = asyncio.get_running_loop()
         address = await self.server.start()
         ranks = [{k: v for k, v in r.items() if k != "read_tensor_names"} for r in self.engine.engine.executor.describe()]
         meta = {"model": self.engine.model_name, "pid": str(os.getpid()), "ranks": json.dumps(ranks),
@@ -77,6 +80,12 @@ class ReplicaHost:
     def _on_step(self, engine: Any, outputs: Any) -> None:
         if self.metrics is not None:
             self.metrics.on_step(engine, outputs)
+        if engine.failure() and not self._left_registry and self._loop is not None:
+            # push, not poll: leave the registry the moment the group breaks (the routers resync on
+            # its version change; the streams that were running resume on other replicas)
+            self._left_registry = True
+            log.error("replica %s: %s; leaving the registry", self.replica_id, engine.failure())
+            asyncio.run_coroutine_threadsafe(self._leave_registry(), self._loop)
         now = time.monotonic()
         if now - self._last_expert_sample > self.settings.expert_load_every_s:
             self._last_expert_sample = now
@@ -86,6 +95,12 @@ class ReplicaHost:
             if self.registry is not None:  # for `expertmesh status`, on the next heartbeat
                 self.registry.metadata["expert_load"] = json.dumps(load)
 
+    async def _leave_registry(self) -> None:
+        try:
+            await self.registry.stop(deregister=True)
+        except Exception as exc:  # noqa: BLE001 - the TTL drops it anyway
+            log.warning("could not deregister %s: %r", self.replica_id, exc)
+
     def load(self) -> Any:
         load = self.engine.load()
         if self.metrics is not None:
@@ -94,7 +109,7 @@ class ReplicaHost:
 
     def failure(self) -> str | None:
         """Why this replica cannot serve (a broken EP group fails the replica as a unit), or None."""
-        return getattr(self.engine.engine.executor, "failed", None) or None
+        return self.engine.failure()
 
     async def status(self) -> dict[str, Any]:
         load = self.engine.load()
@@ -111,7 +126,8 @@ class ReplicaHost:
     async def drain_and_stop(self) -> None:
         """Leave the registry, refuse new work, finish running requests, then stop the group."""
         try:
-            if self.registry is not None:
+            if self.registry is not None and not self._left_registry:
+                self._left_registry = True
                 await self.registry.stop(deregister=True)
         except Exception:  # noqa: BLE001 - the registry may be gone already (app being deleted)
             log.warning("could not deregister %s", self.replica_id)

@@ -24,8 +24,9 @@ class Status(enum.Enum):
 class Request:
     request_id: str
     prompt: list[int]
-    params: SamplingParams
+    params: SamplingParams  # for a resumed request, max_tokens counts only what is left
     detok: IncrementalDetokenizer
+    resumed: int = 0  # trailing prompt tokens that are output produced before a resume
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     rank: int = -1

@@ -202,7 +202,7 @@ class Scheduler:
             return 0
         if not req.announced:
             inp.new_requests.append(NewRequest(req.request_id, req.prompt, req.params,
-                                               req.slots[: req.computed].tolist()))
+                                               req.slots[: req.computed].tolist(), req.resumed))
             req.announced = True
         a, b = req.computed, req.computed + n
         last = b == len(req.prompt)

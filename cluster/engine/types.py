@@ -16,6 +16,10 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
     trace_context: dict[str, str] | None = None  # W3C traceparent carrier from the caller
+    # Resuming a request another replica had started: its output so far (not streamed again) and
+    # how many characters of text the client already has.
+    resume_token_ids: list[int] = field(default_factory=list)
+    resume_text_chars: int = 0
 
 
 @dataclass

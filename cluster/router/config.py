@@ -37,6 +37,8 @@ class RouterConfig(BaseModel):
     registry_poll_s: float = Field(1.0, gt=0)
     probe_interval_s: float = Field(0.5, gt=0)
     max_attempts: int = Field(3, ge=1)  # replicas tried per request before giving up
+    max_resumes: int = Field(3, ge=0)  # replica failures a request survives (resumed elsewhere each time)
+    resume_wait_s: float = Field(60.0, ge=0)  # wait this long for a replica after one failed under a request
     request_timeout_s: float | None = Field(None, gt=0)  # default deadline when the client sets none
     auth_token: str | None = None  # bearer token for both APIs; None: auth off
     tls_cert_file: str | None = None

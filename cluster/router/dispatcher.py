@@ -2,8 +2,9 @@
 
 The policy picks a replica; if that replica refuses before streaming anything (UNAVAILABLE: dead
 or draining; RESOURCE_EXHAUSTED: queue full) the request goes to the next choice among the
-replicas not yet tried. Once tokens have flowed, a failure ends the request (tokens cannot be
-taken back). Leaving the stream early — the client cancelled, the deadline passed — cancels the
+replicas not yet tried. If a replica fails under a request (its process or a rank dies, the
+engine errors), the request resumes on another replica from its prompt plus the tokens already
+streamed: the client sees one stream, no gap, no repeat. Leaving the stream early — the client cancelled, the deadline passed — cancels the
 replica call, which aborts the request in the engine and frees its KV. DeepSeek-R1 reasoning is
 split from the answer here, so both front ends share it.
 """
@@ -31,6 +32,23 @@ from expertmesh.v1 import engine_pb2, generate_pb2
 log = logging.getLogger(__name__)
 
 RETRY_BEFORE_FIRST_TOKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# A replica failing under a request (process gone, rank dead, engine error): the request resumes
+# elsewhere. Anything else (bad input, deadline) is the request's own answer.
+RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED)
+
+
+def _record_sent(request: engine_pb2.EngineGenerateRequest, msg: engine_pb2.EngineGenerateResponse) -> None:
+    """What the client has, so a resume continues right after it."""
+    request.resume_token_ids.extend(msg.token_ids)
+    request.resume_text_chars += len(msg.text)
+
+
+def _without_finish(msg: engine_pb2.EngineGenerateResponse) -> engine_pb2.EngineGenerateResponse:
+    out = engine_pb2.EngineGenerateResponse()
+    out.CopyFrom(msg)
+    out.finished, out.finish_reason, out.error = False, generate_pb2.FINISH_REASON_UNSPECIFIED, ""
+    return out
 
 
 @dataclass
@@ -49,10 +67,14 @@ class Delta:
 
 
 class Dispatcher:
-    def __init__(self, replicas: ReplicaSet, policy: RoutingPolicy, max_attempts: int = 3) -> None:
+    def __init__(self, replicas: ReplicaSet, policy: RoutingPolicy, max_attempts: int = 3,
+                 max_resumes: int = 3, resume_wait_s: float = 60.0) -> None:
         self.replicas = replicas
         self.policy = policy
         self.max_attempts = max_attempts
+        self.max_resumes = max_resumes
+        self.resume_wait_s = resume_wait_s
+        self.resumed_total = 0  # streams continued on another replica after a failure
 
     async def stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None = None,
                      metadata: tuple[tuple[str, str], ...] = (), trace_parent=None) -> AsyncIterator[Delta]:
@@ -63,8 +85,6 @@ class Dispatcher:
             async for msg, replica in upstream:
                 text, reasoning = msg.text, ""
                 finish = FINISH_FROM_PROTO.get(msg.finish_reason) if msg.finished else None
-                if msg.finished and msg.finish_reason == generate_pb2.FINISH_REASON_ERROR:
-                    raise RouterError(grpc.StatusCode.INTERNAL, f"engine error on {replica.replica_id}: {msg.error}")
                 if parser is not None:
                     reasoning, text = parser.feed(text)
                     if msg.finished:
@@ -75,6 +95,11 @@ class Dispatcher:
 
     async def _engine_stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None,
                              metadata: tuple[tuple[str, str], ...], trace_parent=None):
+        """The replica's messages for one request, across replicas: a refusal before the first token
+        tries the next replica; a replica (or rank) that fails under the request hands it to a healthy
+        one, resumed from the prompt plus the tokens already streamed (the replica continues with the
+        sampling state of that step, so greedy and seeded streams continue exactly as they would
+        have), waiting for a replica to come back within the request's deadline if none is left."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         request = engine_pb2.EngineGenerateRequest(request_id=request_id, prompt_token_ids=prepared.prompt_token_ids,
@@ -82,42 +107,76 @@ class Dispatcher:
                                                    trace_context=dict(metadata))  # traceparent/tracestate
         request.sampling.top_logprobs = prepared.top_logprobs
         tried: set[str] = set()
+        refusals, failures = 0, 0
         last_error: RouterError | None = None
-        for _ in range(self.max_attempts):
+        while True:
             candidates = [r for r in self.replicas.available() if r.replica_id not in tried]
             if not candidates:
-                break
+                if not failures or refusals >= self.max_attempts:
+                    break
+                # a replica failed under this request: wait for another (Serve replaces the dead one)
+                left = self.resume_wait_s if deadline is None else min(self.resume_wait_s, deadline - loop.time())
+                wait_until = loop.time() + max(0.0, left)
+                while not candidates and loop.time() < wait_until:
+                    await self.replicas.wait_for_change(min(0.5, wait_until - loop.time()))
+                    candidates = [r for r in self.replicas.available() if r.replica_id not in tried]
+                if not candidates:
+                    break
             with trace.get_tracer("expertmesh.router").start_as_current_span("route", context=trace_parent) as span:
                 replica: Replica = self.policy.select(prepared.prompt_token_ids, candidates)  # type: ignore[assignment]
                 span.set_attribute("expertmesh.replica_id", replica.replica_id)
                 span.set_attribute("expertmesh.policy", type(self.policy).__name__)
+                if request.resume_token_ids:
+                    span.set_attribute("expertmesh.resumed_tokens", len(request.resume_token_ids))
             tried.add(replica.replica_id)
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before a replica answered")
             call = replica.stub.Generate(request, timeout=left, metadata=(("x-request-id", request_id), *metadata))
             self.replicas.request_started(replica)
-            streamed = False
+            got_any = False
+            failure: str | None = None
             try:
                 async for msg in call:
-                    streamed = True
+                    if msg.finished and msg.finish_reason == generate_pb2.FINISH_REASON_ERROR:
+                        failure = f"engine error on {replica.replica_id}: {msg.error}"
+                        if msg.token_ids:  # tokens sampled before the error still count
+                            yield _without_finish(msg), replica
+                            _record_sent(request, msg)
+                        break
+                    got_any = True
                     yield msg, replica
-                return
+                    _record_sent(request, msg)
+                if failure is None:
+                    return
             except aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    self.replicas.report_unavailable(replica, details)
-                if code in RETRY_BEFORE_FIRST_TOKEN and not streamed:
+                if code in RETRY_BEFORE_FIRST_TOKEN and not got_any:
+                    if code == grpc.StatusCode.UNAVAILABLE:
+                        self.replicas.report_unavailable(replica, details)
                     log.info("request %s: replica %s refused (%s: %s); trying another", request_id,
                              replica.replica_id, code.name, details)
                     last_error = RouterError(code, details)
+                    refusals += 1
+                    if refusals >= self.max_attempts:
+                        break
                     continue
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    raise RouterError(code, f"replica {replica.replica_id} failed mid-stream: {details}") from None
-                raise RouterError(code, details) from None
+                if code not in RESUMABLE:
+                    raise RouterError(code, details) from None
+                failure = f"replica {replica.replica_id} failed ({code.name}: {details})"
             finally:
                 call.cancel()  # no-op when done; otherwise aborts the request on the replica
                 self.replicas.request_ended(replica)
+            # the replica failed under the request: take it out of rotation, go on elsewhere
+            self.replicas.report_unavailable(replica, failure)
+            failures += 1
+            last_error = RouterError(grpc.StatusCode.UNAVAILABLE, failure)
+            if failures > self.max_resumes:
+                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"gave up after {failures} replica failures: {failure}")
+            if request.resume_token_ids:
+                self.resumed_total += 1
+            log.warning("request %s: %s; resuming after %d streamed tokens", request_id, failure,
+                        len(request.resume_token_ids))
         if last_error is not None:
             if last_error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise RouterError(last_error.code, f"all replicas are at their queue limit ({last_error.message})")

@@ -151,7 +151,8 @@ class RouterServer:
         self.replicas = ReplicaSet(probe_interval_s=config.probe_interval_s,
                                    on_removed=self.policy.remove_replica, on_change=self._on_replicas_changed)
         self.watcher = RegistryWatcher(source, self.replicas, config.registry_poll_s)
-        self.dispatcher = Dispatcher(self.replicas, self.policy, config.max_attempts)
+        self.dispatcher = Dispatcher(self.replicas, self.policy, config.max_attempts, config.max_resumes,
+                                     config.resume_wait_s)
         self.frontend = frontend
         self.health = health.aio.HealthServicer()
         self.grpc_port: int | None = None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from expertmesh.v1 import generate_pb2 as expertmesh_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xpertmesh/v1/engine.proto\x12\rexpertmesh.v1\x1a\x1c\x65xpertmesh/v1/generate.proto\"\xfa\x01\n\x15\x45ngineGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.expertmesh.v1.SamplingParams\x12M\n\rtrace_context\x18\x04 \x03(\x0b\x32\x36.expertmesh.v1.EngineGenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9a\x02\n\x16\x45ngineGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.expertmesh.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.expertmesh.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x05\x12\x15\n\rcached_tokens\x18\t \x01(\x05\x12\r\n\x05\x65rror\x18\n \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11\x45ngineLoadRequest\"\x0f\n\rHealthRequest\"5\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x12\n\nreplica_id\x18\x02 \x01(\t\"\x13\n\x11\x45ngineInfoRequest\"v\n\nEngineInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.expertmesh.v1.ModelInfo\x12\x16\n\x0etokenizer_path\x18\x03 \x01(\t\x12\x13\n\x0bmax_waiting\x18\x04 \x01(\x05\x32\x86\x03\n\rEngineService\x12Y\n\x08Generate\x12$.expertmesh.v1.EngineGenerateRequest\x1a%.expertmesh.v1.EngineGenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.expertmesh.v1.AbortRequest\x1a\x1c.expertmesh.v1.AbortResponse\x12G\n\x07GetLoad\x12 .expertmesh.v1.EngineLoadRequest\x1a\x1a.expertmesh.v1.ReplicaLoad\x12\x45\n\x06Health\x12\x1c.expertmesh.v1.HealthRequest\x1a\x1d.expertmesh.v1.HealthResponse\x12\x46\n\x07GetInfo\x12 .expertmesh.v1.EngineInfoRequest\x1a\x19.expertmesh.v1.EngineInfoBFP\x01ZBgithub.com/expertmesh/expertmesh/gen/go/expertmesh/v1;expertmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xpertmesh/v1/engine.proto\x12\rexpertmesh.v1\x1a\x1c\x65xpertmesh/v1/generate.proto\"\xaf\x02\n\x15\x45ngineGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.expertmesh.v1.SamplingParams\x12M\n\rtrace_context\x18\x04 \x03(\x0b\x32\x36.expertmesh.v1.EngineGenerateRequest.TraceContextEntry\x12\x18\n\x10resume_token_ids\x18\x05 \x03(\x05\x12\x19\n\x11resume_text_chars\x18\x06 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9a\x02\n\x16\x45ngineGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.expertmesh.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.expertmesh.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\x05\x12\x15\n\rcached_tokens\x18\t \x01(\x05\x12\r\n\x05\x65rror\x18\n \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11\x45ngineLoadRequest\"\x0f\n\rHealthRequest\"5\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x12\n\nreplica_id\x18\x02 \x01(\t\"\x13\n\x11\x45ngineInfoRequest\"v\n\nEngineInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.expertmesh.v1.ModelInfo\x12\x16\n\x0etokenizer_path\x18\x03 \x01(\t\x12\x13\n\x0bmax_waiting\x18\x04 \x01(\x05\x32\x86\x03\n\rEngineService\x12Y\n\x08Generate\x12$.expertmesh.v1.EngineGenerateRequest\x1a%.expertmesh.v1.EngineGenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.expertmesh.v1.AbortRequest\x1a\x1c.expertmesh.v1.AbortResponse\x12G\n\x07GetLoad\x12 .expertmesh.v1.EngineLoadRequest\x1a\x1a.expertmesh.v1.ReplicaLoad\x12\x45\n\x06Health\x12\x1c.expertmesh.v1.HealthRequest\x1a\x1d.expertmesh.v1.HealthResponse\x12\x46\n\x07GetInfo\x12 .expertmesh.v1.EngineInfoRequest\x1a\x19.expertmesh.v1.EngineInfoBFP\x01ZBgithub.com/expertmesh/expertmesh/gen/go/expertmesh/v1;expertmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENGINEGENERATEREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_ENGINEGENERATEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_ENGINEGENERATEREQUEST']._serialized_start=76
-  _globals['_ENGINEGENERATEREQUEST']._serialized_end=326
-  _globals['_ENGINEGENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=275
-  _globals['_ENGINEGENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=326
-  _globals['_ENGINEGENERATERESPONSE']._serialized_start=329
-  _globals['_ENGINEGENERATERESPONSE']._serialized_end=611
-  _globals['_ABORTREQUEST']._serialized_start=613
-  _globals['_ABORTREQUEST']._serialized_end=647
-  _globals['_ABORTRESPONSE']._serialized_start=649
-  _globals['_ABORTRESPONSE']._serialized_end=679
-  _globals['_ENGINELOADREQUEST']._serialized_start=681
-  _globals['_ENGINELOADREQUEST']._serialized_end=700
-  _globals['_HEALTHREQUEST']._serialized_start=702
-  _globals['_HEALTHREQUEST']._serialized_end=717
-  _globals['_HEALTHRESPONSE']._serialized_start=719
-  _globals['_HEALTHRESPONSE']._serialized_end=772
-  _globals['_ENGINEINFOREQUEST']._serialized_start=774
-  _globals['_ENGINEINFOREQUEST']._serialized_end=793
-  _globals['_ENGINEINFO']._serialized_start=795
-  _globals['_ENGINEINFO']._serialized_end=913
-  _globals['_ENGINESERVICE']._serialized_start=916
-  _globals['_ENGINESERVICE']._serialized_end=1306
+  _globals['_ENGINEGENERATEREQUEST']._serialized_end=379
+  _globals['_ENGINEGENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=328
+  _globals['_ENGINEGENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=379
+  _globals['_ENGINEGENERATERESPONSE']._serialized_start=382
+  _globals['_ENGINEGENERATERESPONSE']._serialized_end=664
+  _globals['_ABORTREQUEST']._serialized_start=666
+  _globals['_ABORTREQUEST']._serialized_end=700
+  _globals['_ABORTRESPONSE']._serialized_start=702
+  _globals['_ABORTRESPONSE']._serialized_end=732
+  _globals['_ENGINELOADREQUEST']._serialized_start=734
+  _globals['_ENGINELOADREQUEST']._serialized_end=753
+  _globals['_HEALTHREQUEST']._serialized_start=755
+  _globals['_HEALTHREQUEST']._serialized_end=770
+  _globals['_HEALTHRESPONSE']._serialized_start=772
+  _globals['_HEALTHRESPONSE']._serialized_end=825
+  _globals['_ENGINEINFOREQUEST']._serialized_start=827
+  _globals['_ENGINEINFOREQUEST']._serialized_end=846
+  _globals['_ENGINEINFO']._serialized_start=848
+  _globals['_ENGINEINFO']._serialized_end=966
+  _globals['_ENGINESERVICE']._serialized_start=969
+  _globals['_ENGINESERVICE']._serialized_end=1359
 # @@protoc_insertion_point(module_scope)
