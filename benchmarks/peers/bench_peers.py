@@ -454,6 +454,11 @@ def markdown(data: dict) -> str:
                     for n in names}
             lines.append("Prompt tokens served from a shared prefix (prefix workload, median): "
                          + ", ".join(f"{LABELS[n]} {fmt(v, 0)}" for n, v in hits.items()))
+        loads = [r.get("load_avg_1m_after") for w in peers.values() for rs in w["runs"].values() for r in rs]
+        loads = [x for x in loads if x is not None]
+        if loads:
+            lines.append(f"Machine load (1-min load average after each run, {os.cpu_count()} cores): median "
+                         f"{fmt(median(loads), 1)}, max {fmt(max(loads), 1)}.")
     ep = data.get("ep")
     if ep and ep.get("rows"):
         lines.append("")
@@ -506,6 +511,7 @@ def plot(data: dict, path: Path) -> None:
             ax.scatter([k + (j - 1) * 0.15] * len(rs), rs, s=18, color=f"C{j + 1}",
                        label=f"ours / {LABELS[n]}" if k == 0 else None)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_yscale("log")
     ax.set_xticks(range(len(wl)), wl)
     ax.set_ylabel("expertmesh / peer, per repeat")
     ax.set_title("per-repeat ratios (same repeat)")
