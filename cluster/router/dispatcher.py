@@ -14,7 +14,7 @@ import asyncio
 import logging
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from grpc import aio
@@ -74,7 +74,10 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.max_resumes = max_resumes
         self.resume_wait_s = resume_wait_s
+        self.failures_total = 0  # replicas that failed under a request
         self.resumed_total = 0  # streams continued on another replica after a failure
+        # called with (seconds from the failure to the next replica's first message, tokens resumed)
+        self.on_recovery: Callable[[float, int], None] | None = None
 
     async def stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None = None,
                      metadata: tuple[tuple[str, str], ...] = (), trace_parent=None) -> AsyncIterator[Delta]:
@@ -108,6 +111,7 @@ class Dispatcher:
         request.sampling.top_logprobs = prepared.top_logprobs
         tried: set[str] = set()
         refusals, failures = 0, 0
+        failed_at: float | None = None
         last_error: RouterError | None = None
         while True:
             candidates = [r for r in self.replicas.available() if r.replica_id not in tried]
@@ -144,6 +148,9 @@ class Dispatcher:
                             yield _without_finish(msg), replica
                             _record_sent(request, msg)
                         break
+                    if failed_at is not None:
+                        self._recovered(loop.time() - failed_at, len(request.resume_token_ids))
+                        failed_at = None
                     got_any = True
                     yield msg, replica
                     _record_sent(request, msg)
@@ -170,6 +177,8 @@ class Dispatcher:
             # the replica failed under the request: take it out of rotation, go on elsewhere
             self.replicas.report_unavailable(replica, failure)
             failures += 1
+            self.failures_total += 1
+            failed_at = loop.time() if failed_at is None else failed_at
             last_error = RouterError(grpc.StatusCode.UNAVAILABLE, failure)
             if failures > self.max_resumes:
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, f"gave up after {failures} replica failures: {failure}")
@@ -182,6 +191,14 @@ class Dispatcher:
                 raise RouterError(last_error.code, f"all replicas are at their queue limit ({last_error.message})")
             raise last_error
         raise RouterError(grpc.StatusCode.UNAVAILABLE, "no engine replica available")
+
+    def _recovered(self, seconds: float, resumed_tokens: int) -> None:
+        log.info("request recovered on another replica after %.2fs (%d tokens resumed)", seconds, resumed_tokens)
+        if self.on_recovery is not None:
+            try:
+                self.on_recovery(seconds, resumed_tokens)
+            except Exception:  # noqa: BLE001 - telemetry never fails a request
+                log.exception("on_recovery hook failed")
 
     async def load(self) -> generate_pb2.GetLoadResponse:
         await self.replicas.probe_all()

@@ -101,5 +101,7 @@ class EngineReplica:
         return await self.host.status()
 
     async def __del__(self) -> None:
-        """Drain before the group goes."""
-        await self.host.drain_and_stop()
+        """Drain before the group goes (nothing to drain when __init__ never finished)."""
+        host = getattr(self, "host", None)
+        if host is not None:
+            await host.drain_and_stop()

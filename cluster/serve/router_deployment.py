@@ -30,6 +30,10 @@ class Router:
         self.replicas = replicas  # the EngineReplica deployment's handle (for status)
         setup_tracing(self.cfg.telemetry.service_name + "-router", self.cfg.telemetry.otlp_endpoint)
         self.server = RouterServer(router_config_from(self.cfg))  # its app's own registry
+        if self.cfg.telemetry.metrics:
+            from expertmesh.cluster.telemetry.metrics import RouterMetrics
+
+            self.server.dispatcher.on_recovery = RouterMetrics(self.cfg.name).on_recovery
         self._start = asyncio.get_running_loop().create_task(self.server.start())
 
     async def check_health(self) -> None:
@@ -42,6 +46,8 @@ class Router:
             "http": self.server.http_address if self.server.http_port else None,
             "started": self._start.done() and self._start.exception() is None,
             "replicas": [r.replica_id for r in self.server.replicas.available()],
+            "replica_failures": self.server.dispatcher.failures_total,
+            "resumed_requests": self.server.dispatcher.resumed_total,
         }
 
     async def __call__(self) -> dict[str, Any]:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from expertmesh.cluster.engine.types import RequestOutput
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # type names only: the router imports this module too
     from expertmesh.cluster.engine.engine import Engine
+    from expertmesh.cluster.engine.types import RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +25,33 @@ METRIC_NAMES = (
     "expertmesh_kv_usage_ratio", "expertmesh_prefix_cache_hit_ratio", "expertmesh_expert_tokens_total",
     "expertmesh_alltoall_seconds", "expertmesh_step_seconds",
 )
+
+# Router-side: exported once a replica has failed under a request.
+ROUTER_METRIC_NAMES = ("expertmesh_recoveries_total", "expertmesh_resumed_requests_total",
+                       "expertmesh_recovery_seconds")
+
+
+class RouterMetrics:
+    """Requests that survived a replica or rank failure (the router resumed them elsewhere)."""
+
+    def __init__(self, app: str):
+        from ray.util import metrics as m
+
+        self.tags = {"app": app}
+        keys = tuple(self.tags)
+        self.recoveries = m.Counter("expertmesh_recoveries_total",
+                                    "Requests a replica failed under that went on on another replica", tag_keys=keys)
+        self.resumed = m.Counter("expertmesh_resumed_requests_total",
+                                 "Streams resumed mid-way (prompt + tokens already streamed)", tag_keys=keys)
+        self.recovery_s = m.Histogram("expertmesh_recovery_seconds",
+                                      "From a replica failing under a request to the next replica's first message",
+                                      boundaries=LATENCY_BUCKETS, tag_keys=keys)
+
+    def on_recovery(self, seconds: float, resumed_tokens: int) -> None:
+        self.recoveries.inc(1, tags=self.tags)
+        if resumed_tokens:
+            self.resumed.inc(1, tags=self.tags)
+        self.recovery_s.observe(seconds, tags=self.tags)
 
 
 class EngineMetrics:
