@@ -80,3 +80,62 @@ def test_a_stop_string_across_the_resume_point_still_stops(engine, tiny_ckpt):
         assert sent + [t for d in rest for t in d.token_ids] == want_ids, cut
         assert rest[-1].finish_reason == "stop"
     assert ids[: len(want_ids)] == want_ids
+
+
+# ---- through the router: a replica whose group fails in prefill or in decode -------------------
+class FailingExecutor:
+    """The real local executor, failing its group on step `fail_at` the way a dead rank does."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.fail_at, self.steps, self.failed = inner, fail_at, 0, None
+
+    def step(self, inputs):
+        from expertmesh.cluster.engine.executor import GroupFailure
+
+        self.steps += 1
+        if self.failed or self.steps == self.fail_at:
+            self.failed = self.failed or f"rank 0 failed in a step (injected at step {self.fail_at})"
+            raise GroupFailure(self.failed)
+        return self.inner.step(inputs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("fail_at", [1, 6], ids=["in-prefill", "in-decode"])
+def test_router_resumes_a_stream_whose_replica_group_fails(tiny_ckpt, fail_at):
+    from _router_env import LoopThread, real_engine, start_replica, start_router
+    from expertmesh.cluster.router.client import GenerationClient
+
+    lt = LoopThread()
+    broken, healthy = real_engine(tiny_ckpt), real_engine(tiny_ckpt)
+    broken.engine.executor = FailingExecutor(broken.engine.executor, fail_at)
+    a = start_replica(lt, broken, tiny_ckpt, replica_id="a-breaks")
+    b = start_replica(lt, healthy, tiny_ckpt, replica_id="b-healthy")
+    router = start_router(lt, replicas=[f"a-breaks={a.address}"], policy="round_robin")
+    kw = dict(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
+    try:
+        # fault-free reference from the healthy replica alone
+        ref_router = start_router(lt, replicas=[f"b-healthy={b.address}"])
+        with GenerationClient(ref_router.grpc_address, timeout=60) as c:
+            want = c.complete(PROMPT, **kw)
+        lt.run(ref_router.stop(0))
+        # the failing replica takes the request; the healthy one joins as the group breaks
+        router.source.set([f"a-breaks={a.address}", f"b-healthy={b.address}"])
+        lt.run(router.watcher.poll_once())
+        got = None
+        with GenerationClient(router.grpc_address, timeout=60) as c:
+            for _ in range(2):  # round robin: one of two requests starts on the failing replica
+                got = c.complete(PROMPT, **kw)
+                assert got.token_ids == want.token_ids and got.text == want.text
+                assert got.usage == want.usage
+        assert broken.engine.executor.failed  # it did fail under a request
+        assert router.dispatcher.failures_total == 1
+        assert all(r.replica_id != "a-breaks" for r in router.replicas.available())
+        lt.run(router.stop(0))
+    finally:
+        lt.run(a.stop(0))
+        lt.run(b.stop(0))
+        for e in (broken, healthy):
+            e.shutdown()
+        lt.close()
