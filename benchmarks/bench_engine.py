@@ -16,8 +16,9 @@ Raw numbers → benchmarks/results/engine.json, plot → benchmarks/results/engi
     python benchmarks/bench_engine.py                 # full run (~4-6 min here)
     python benchmarks/bench_engine.py --quick         # smaller, one repeat (~1-2 min)
     python benchmarks/bench_engine.py --dtype float32 # fp32 (tokens must equal HF's exactly)
-    python benchmarks/bench_engine.py --ab-base 6d3b407 --threads 2
-        # this checkout's data plane (actors/) vs the actors/ of an older commit, on the issue-14
+    python benchmarks/bench_engine.py --ab-revert 6d3b407..452e68b --threads 2
+        # this checkout's data plane (actors/) vs the same without a range of commits (or, with
+        # --ab-base REV, vs the actors/ of an older commit as they were), on the issue-14
         # workloads (batch 1 and 32 of 128 prompt + 128 new; 32 x (1000 shared + 32) prefix, 32
         # new, cache on), one subprocess per side, alternating which goes first; per-repeat ratios
 """
@@ -387,9 +388,14 @@ def ab_main(args) -> int:
 
     repo = Path(__file__).resolve().parents[1]
     base_dir = Path(tempfile.mkdtemp(prefix="expertmesh-ab-"))
-    archive = subprocess.run(["git", "-C", str(repo), "archive", args.ab_base, "actors"], check=True,
+    rev = args.ab_base or "HEAD"
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "actors"], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(base_dir)], input=archive, check=True)
+    if args.ab_revert:  # HEAD's actors/ without the changes of a commit range (others' later work kept)
+        diff = subprocess.run(["git", "-C", str(repo), "diff", args.ab_revert, "--", "actors"], check=True,
+                              capture_output=True).stdout
+        subprocess.run(["patch", "-R", "-p1", "-s", "-d", str(base_dir)], input=diff, check=True)
     sides = {"base": str(base_dir / "actors"), "new": ""}
     cmd = [sys.executable, __file__, "--ab-child", "--threads", str(args.threads), "--dtype", args.dtype,
            "--preset", args.preset, "--seed", str(args.seed)]
@@ -406,8 +412,9 @@ def ab_main(args) -> int:
             runs[side].append(res)
             log.info("rep %d %-4s (%s): %s", rep, side, res["actors"],
                      ", ".join(f"{w} {res[w]['tok_s']:.1f} tok/s" for w in AB_WORKLOADS))
-    summary = {"base": args.ab_base, "threads": args.threads, "dtype": args.dtype, "repeats": repeats}
-    print(f"\n== data plane A/B: this checkout vs actors/ of {args.ab_base} ({args.preset}, {args.dtype}, "
+    label = args.ab_base or f"HEAD without {args.ab_revert}"
+    summary = {"base": label, "threads": args.threads, "dtype": args.dtype, "repeats": repeats}
+    print(f"\n== data plane A/B: this checkout vs actors/ of {label} ({args.preset}, {args.dtype}, "
           f"{args.threads} torch threads, output tok/s, wall incl. prefill) ==")
     for w in AB_WORKLOADS:
         base = [r[w]["tok_s"] for r in runs["base"]]
@@ -493,6 +500,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings here)")
     ap.add_argument("--ab-base", default=None, metavar="GIT_REV",
                     help="compare this checkout's actors/ with those of GIT_REV on the issue-14 workloads")
+    ap.add_argument("--ab-revert", default=None, metavar="A..B",
+                    help="like --ab-base, the base being HEAD's actors/ with the changes A..B reverse-applied")
     ap.add_argument("--ab-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -500,7 +509,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.ab_child:
         return ab_child(args)
-    if args.ab_base:
+    if args.ab_base or args.ab_revert:
         return ab_main(args)
     q = args.quick
     repeats = args.repeats or (1 if q else 3)
