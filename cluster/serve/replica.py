@@ -58,7 +58,7 @@ def replica_settings_from(cfg: DeployConfig, replica_id: str, host: str):
                            served_model_name=cfg.model.served_model_name, max_waiting=cfg.scheduler.max_waiting_requests,
                            host=host, telemetry_metrics=t.metrics, service_name=t.service_name,
                            otlp_endpoint=t.otlp_endpoint, trace_decode_every=t.trace_decode_every,
-                           drain_timeout_s=DRAIN_TIMEOUT_S)
+                           drain_timeout_s=DRAIN_TIMEOUT_S, exit_on_group_failure=True)
 
 
 class EngineReplica:
