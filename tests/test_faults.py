@@ -6,25 +6,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
 import pytest
 
-from expertmesh.cluster.config import DeployConfig
+from _serve_env import deploy, small_app_config
 from expertmesh.cluster.router.client import GenerationClient
 from expertmesh.cluster.router.registry import RegistryRef, get_registry
 
 APP = "em-faults"
 MAX_TOKENS = 24
 PROMPTS = [[0] + [100 + 37 * i + j for j in range(12 + i)] for i in range(8)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sampling(i: int) -> dict:
@@ -63,24 +56,12 @@ def wait_for(predicate, timeout_s: float, what: str):
 @pytest.fixture(scope="module")
 def app(ray_cluster, tiny_ckpt):
     from ray import serve
-    from ray.serve.config import ProxyLocation
 
-    from expertmesh.cluster.serve.app import build_app
-
-    cfg = DeployConfig.model_validate({
-        "name": APP,
-        "model": {"checkpoint": str(tiny_ckpt), "dtype": "float32", "served_model_name": "tiny"},
-        "parallel": {"ep_size": 2, "cpus_per_rank": 0.1, "engine_cpus": 0.1, "collective_timeout_s": 20},
-        "kv_cache": {"tokens_per_rank": 2048, "page_size": 16},
-        "scheduler": {"max_running_requests": 8, "max_batch_tokens": 512, "chunked_prefill_tokens": 256,
-                      "max_waiting_requests": 64},
-        "router": {"host": "127.0.0.1", "grpc_port": free_port(), "http_port": 0, "policy": "round_robin"},
-        "autoscaling": {"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2},
-        "telemetry": {"service_name": "em-faults", "metrics": False},
-    })
-    serve.start(proxy_location=ProxyLocation.Disabled, http_options={"host": "127.0.0.1"})
-    serve.run(build_app({"config": cfg.to_dict()}), name=APP, route_prefix=None, blocking=False)
-    address = f"127.0.0.1:{cfg.router.grpc_port}"
+    cfg = small_app_config(APP, tiny_ckpt, parallel={"collective_timeout_s": 20},
+                           scheduler={"max_running_requests": 8}, router={"policy": "round_robin"},
+                           autoscaling={"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2},
+                           telemetry={"service_name": "em-faults", "metrics": False})
+    address = deploy(cfg)
     wait_for(lambda: len(entries()) == 2, 240, "two replicas registered")
 
     def router_sees_two() -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -12,17 +11,11 @@ from concurrent import futures
 import grpc
 import pytest
 
-from expertmesh.cluster.config import DeployConfig
+from _serve_env import deploy, small_app_config
 from expertmesh.cluster.telemetry.metrics import METRIC_NAMES
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
 APP = "em-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OTLPReceiver:
@@ -62,26 +55,14 @@ def otlp():
 @pytest.fixture(scope="module")
 def app(ray_cluster, tiny_ckpt, otlp):
     from ray import serve
-    from ray.serve.config import ProxyLocation
 
-    from expertmesh.cluster.serve.app import build_app
-
-    cfg = DeployConfig.model_validate({
-        "name": APP,
-        "model": {"checkpoint": str(tiny_ckpt), "dtype": "float32", "served_model_name": "tiny"},
-        "parallel": {"ep_size": 2, "cpus_per_rank": 0.1, "engine_cpus": 0.1, "collective_timeout_s": 30},
-        "kv_cache": {"tokens_per_rank": 2048, "page_size": 16},
-        "scheduler": {"max_running_requests": 4, "max_batch_tokens": 512, "chunked_prefill_tokens": 256,
-                      "max_waiting_requests": 64},
-        "router": {"host": "127.0.0.1", "grpc_port": free_port(), "http_port": 0, "policy": "least_load"},
-        "autoscaling": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1, "target_ongoing_requests": 2,
-                        "target_queue_depth": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 3,
-                        "metrics_interval_s": 0.5, "look_back_period_s": 1},
-        "telemetry": {"service_name": "em-test", "otlp_endpoint": f"127.0.0.1:{otlp.port}", "trace_decode_every": 4},
-    })
-    serve.start(proxy_location=ProxyLocation.Disabled, http_options={"host": "127.0.0.1"})
-    serve.run(build_app({"config": cfg.to_dict()}), name=APP, route_prefix=None, blocking=False)
-    address = f"127.0.0.1:{cfg.router.grpc_port}"
+    cfg = small_app_config(
+        APP, tiny_ckpt,
+        autoscaling={"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1, "target_ongoing_requests": 2,
+                     "target_queue_depth": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 3,
+                     "metrics_interval_s": 0.5, "look_back_period_s": 1},
+        telemetry={"service_name": "em-test", "otlp_endpoint": f"127.0.0.1:{otlp.port}", "trace_decode_every": 4})
+    address = deploy(cfg)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
