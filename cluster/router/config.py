@@ -46,6 +46,7 @@ class RouterConfig(BaseModel):
     tls_client_ca_file: str | None = None  # set: clients need a certificate (mTLS)
     tokenizer_path: str | None = None  # None: the path the first replica reports
     startup_timeout_s: float = Field(60.0, gt=0)  # wait this long for a first replica
+    max_request_bytes: int | None = Field(None, gt=0)  # None: 16 bytes per token of context, at least 1 MiB
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "RouterConfig":

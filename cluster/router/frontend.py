@@ -15,6 +15,7 @@ from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParam
 from expertmesh.cluster.wire import sampling_from_proto
 from expertmesh.cluster.router.reasoning import THINK_START
 from expertmesh.cluster.router.errors import RouterError
+from expertmesh.cluster.router.offload import OffLoop
 from expertmesh.v1 import generate_pb2
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,26 @@ class PreparedRequest:
 
 
 class Frontend:
-    def __init__(self, tokenizer: Any, model_info: generate_pb2.ModelInfo) -> None:
+    def __init__(self, tokenizer: Any, model_info: generate_pb2.ModelInfo, max_request_bytes: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.info = model_info
         self.model_name = model_info.id
+        # Largest request either API accepts: configured, else ~16 bytes per token of context
+        # (with a 1 MiB floor), so a prompt that fits the model always fits the limit.
+        self.max_request_bytes = max_request_bytes or max(1 << 20, 16 * model_info.max_context_length)
+        self.off_loop = OffLoop()
+
+    def check_size(self, size: int) -> None:
+        if size > self.max_request_bytes:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request: {size} bytes is over the limit of {self.max_request_bytes} bytes "
+                              "(router.max_request_bytes)", "request")
+
+    async def prepare_async(self, prepare: Any, request: Any) -> PreparedRequest:
+        """`prepare(request)` (templating, tokenizing, checks) in a worker thread, after the size check."""
+        size = request.ByteSize()
+        self.check_size(size)
+        return await self.off_loop.run(size, prepare, request)
 
     # ---- pieces ------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:

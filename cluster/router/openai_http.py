@@ -109,6 +109,58 @@ def _error(exc: RouterError, rid: str) -> JSONResponse:
     return JSONResponse(exc.openai_body(), status_code=exc.http_status, headers={"x-request-id": rid})
 
 
+class BodyLimit:
+    """ASGI wrapper in front of the app: a body over the limit is refused with 413 before it is
+    read (Content-Length) or as soon as the bytes read pass the limit (chunked), so no request
+    makes the router buffer more than the limit."""
+
+    def __init__(self, app: Any, frontend: Frontend) -> None:
+        self.app, self.frontend = app, frontend
+
+    def __getattr__(self, name: str) -> Any:  # the FastAPI app's attributes (routes, state, ...)
+        return getattr(self.app, name)
+
+    async def _refuse(self, size: str, scope: dict, receive: Any, send: Any) -> None:
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        limit = self.frontend.max_request_bytes
+        exc = RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"request: {size} bytes is over the limit of {limit} bytes (router.max_request_bytes)")
+        await _too_large(exc, rid)(scope, receive, send)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.frontend.max_request_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit():
+            if int(declared) > limit:
+                return await self._refuse(declared.decode(), scope, receive, send)
+            return await self.app(scope, receive, send)  # the server holds the body to its length
+        buffered, seen = [], 0
+        while True:  # chunked: read up to the limit, then hand the app what was read
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                return await self._refuse(f"over {limit}", scope, receive, send)
+            if not message.get("more_body"):
+                break
+
+        async def replay() -> dict:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(exc: RouterError, rid: str) -> JSONResponse:
+    body = exc.openai_body()
+    body["error"].update(type="invalid_request_error", code="request_too_large", param=None)
+    return JSONResponse(body, status_code=413, headers={"x-request-id": rid})
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -120,7 +172,7 @@ def _usage(d: Delta) -> dict[str, Any]:
 
 
 def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None = None,
-              default_timeout_s: float | None = None) -> FastAPI:
+              default_timeout_s: float | None = None) -> "BodyLimit":
     app = FastAPI(title="expertmesh", docs_url=None, redoc_url=None)
     created = int(time.time())
 
@@ -255,7 +307,8 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
             sp, given = _sampling(req, max_tokens, (req.top_logprobs or 1) if req.logprobs else 0)
             messages = [{"role": m.role, "content": _content_text(m.content, f"messages[{i}].content")}
                         for i, m in enumerate(req.messages)]
-            ids = frontend.encode(frontend.chat_prompt(messages))
+            size = sum(len(m["content"]) for m in messages)
+            ids = await frontend.off_loop.run(size, lambda: frontend.encode(frontend.chat_prompt(messages)))
             frontend.check_prompt(ids, sp, given, "messages", field)
         except RouterError as exc:
             return _error(exc, request.state.rid)
@@ -277,7 +330,8 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
                 if len(prompt) != 1:
                     raise RouterError.invalid("prompt", "only one prompt per request is supported")
                 prompt = prompt[0]
-            ids = frontend.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            ids = await frontend.off_loop.run(len(prompt), frontend.encode, prompt) if isinstance(prompt, str) \
+                else list(prompt)
             frontend.check_prompt(ids, sp, given, "prompt")
         except RouterError as exc:
             return _error(exc, request.state.rid)
@@ -286,7 +340,7 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         return await run(request, prepared, req.stream, "text", include_usage, echo)
 
-    return app
+    return BodyLimit(app, frontend)
 
 
 def _content_text(content: str | list[dict[str, Any]] | None, field: str) -> str:

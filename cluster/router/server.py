@@ -79,7 +79,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         forward = tuple(kv for kv in forward if kv[0] not in PASSTHROUGH_METADATA) + tuple(metadata_for(here))
         stream_span = None
         try:
-            prepared: PreparedRequest = prepare(request)
+            prepared: PreparedRequest = await self.frontend.prepare_async(prepare, request)
             # An engine id of our own: a client's x-request-id need not be unique.
             engine_rid = f"{rid}-{uuid.uuid4().hex[:8]}"
             stream = self.dispatcher.stream(prepared, engine_rid, self._timeout(context), forward, trace_parent=here)
@@ -206,9 +206,13 @@ class RouterServer:
             if not tokenizer_path:
                 raise RuntimeError("tokenizer_path: not configured and the replica reports none")
             tokenizer = await asyncio.to_thread(load_tokenizer, tokenizer_path)
-            self.frontend = Frontend(tokenizer, info.model)
+            self.frontend = Frontend(tokenizer, info.model, cfg.max_request_bytes)
         interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
-        server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        # grpc's own cap well above ours: up to it, an oversized request gets our INVALID_ARGUMENT
+        # naming the limit (grpc's RESOURCE_EXHAUSTED reads like "queue full", which clients retry)
+        cap = 4 * self.frontend.max_request_bytes
+        server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0),
+                                                                ("grpc.max_receive_message_length", cap)])
         generate_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self.frontend, self.dispatcher, cfg.request_timeout_s), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -1,0 +1,106 @@
+"""The front door under big inputs: a request over the size limit is refused at once with a code
+of its own (gRPC INVALID_ARGUMENT naming the limit, HTTP 413 in OpenAI's error object), before the
+body is read where the server allows it; a big prompt inside the limit is tokenized off the event
+loop, so small requests around it keep their latency."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import httpx2 as httpx  # the HTTP client the openai package ships with
+import pytest
+
+from _router_env import LoopThread, real_engine, start_replica, start_router
+from expertmesh.cluster.router.client import GenerationClient
+
+LIMIT = 4 << 20  # 4 MiB: the 3 MB prompts below are inside it, the 10 MB body is not
+
+
+@pytest.fixture(scope="module")
+def env(tiny_ckpt):
+    lt = LoopThread()
+    engine = real_engine(tiny_ckpt, kv_tokens=4096)
+    replica = start_replica(lt, engine, tiny_ckpt, replica_id="r0")
+    router = start_router(lt, [f"r0={replica.address}"], http_port=0, max_request_bytes=LIMIT)
+    yield router
+    lt.run(router.stop(0))
+    lt.run(replica.stop(0))
+    engine.shutdown()
+    lt.close()
+
+
+def small_latencies(address: str, n: int = 20) -> list[float]:
+    """n concurrent 2-token requests; their latencies."""
+    out: list[float] = []
+
+    def one() -> None:
+        t0 = time.monotonic()
+        with GenerationClient(address, timeout=60) as c:
+            assert len(c.complete([0, 5, 6], max_tokens=2, ignore_eos=True).token_ids) == 2
+        out.append(time.monotonic() - t0)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(out) == n
+    return sorted(out)
+
+
+def p99(xs: list[float]) -> float:
+    return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+
+def test_oversized_requests_get_their_own_refusal(env):
+    with GenerationClient(env.grpc_address, timeout=60) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.complete("x" * (LIMIT + 10), max_tokens=2)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not RESOURCE_EXHAUSTED ("queue full")
+    assert "router.max_request_bytes" in err.value.details()
+    url = f"{env.http_address}/v1/completions"
+    body = b'{"model": "", "prompt": "' + b"x" * (10 << 20) + b'", "max_tokens": 2}'
+    t0 = time.monotonic()
+    r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["error"]["code"] == "request_too_large" and "x-request-id" in r.headers
+
+    def chunks():  # no Content-Length: counted while read
+        for _ in range(10):
+            yield b" " * (1 << 20)
+
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413
+    assert time.monotonic() - t0 < 30  # generous: both refused without parsing 10 MB of JSON
+    with GenerationClient(env.grpc_address, timeout=60) as c:  # and the router serves on
+        assert len(c.complete([0, 5, 6], max_tokens=2).token_ids) == 2
+
+
+def test_a_big_prompt_costs_its_sender_not_the_others(env):
+    small_latencies(env.grpc_address, 4)  # warm
+    alone = p99(small_latencies(env.grpc_address))
+    big_text = "hello world " * 250_000  # 3 MB: tokenizing it takes a while; then it is over the context
+    errors: list[grpc.StatusCode] = []
+
+    def big_grpc() -> None:
+        with GenerationClient(env.grpc_address, timeout=120) as c:
+            try:
+                c.complete(big_text, max_tokens=2)
+            except grpc.RpcError as exc:
+                errors.append(exc.code())
+
+    def big_http() -> None:
+        r = httpx.post(f"{env.http_address}/v1/completions", json={"prompt": big_text, "max_tokens": 2}, timeout=120)
+        errors.append(r.status_code)
+
+    bigs = [threading.Thread(target=big_grpc), threading.Thread(target=big_http)]
+    for t in bigs:
+        t.start()
+    time.sleep(0.2)  # the big ones are being read and tokenized
+    during = p99(small_latencies(env.grpc_address))
+    for t in bigs:
+        t.join(120)
+    assert sorted(map(str, errors)) == sorted(map(str, [grpc.StatusCode.INVALID_ARGUMENT, 400])), errors
+    print(f"\nsmall-request p99 alone {alone * 1000:.0f} ms, beside a 3 MB gRPC + 3 MB HTTP prompt {during * 1000:.0f} ms")
+    assert during < max(2 * alone, alone + 0.5)  # generous bound on a shared 2-core machine
