@@ -335,14 +335,18 @@ def profile_decode(eng, hf, cfg, batch: int, steps: int, seed: int, dtype: str) 
 AB_WORKLOADS = ("batch1", "batch32", "prefix")
 
 
-def ab_workloads(eng, seed: int) -> dict:
+def ab_workloads(eng, seed: int, names: tuple[str, ...] = AB_WORKLOADS) -> dict:
     """The issue-14 workloads on one engine: output tokens/s (wall, prefill included) and tokens."""
     import random
 
     out = {}
     for name, b in (("batch1", 1), ("batch32", 32)):
+        if name not in names:
+            continue
         r = engine_run(eng, benchlib.random_prompts(b, 128, 128, seed=seed + b), 128, f"ab-{name}")
         out[name] = {"tok_s": r["output_tokens"] / r["wall_s"], "tokens": r["tokens"]}
+    if "prefix" not in names:
+        return out
     rng = random.Random(seed + 1000)
     prefix = [rng.randrange(2, 120_000) for _ in range(1000)]
     prompts = [prefix + [rng.randrange(2, 120_000) for _ in range(32)] for _ in range(32)]
@@ -373,7 +377,7 @@ def ab_child(args) -> int:
     import expertmesh.actors
 
     engine_run(eng, benchlib.random_prompts(2, 16, 24, seed=99), 4, "warm")
-    res = ab_workloads(eng, args.seed)
+    res = ab_workloads(eng, args.seed, tuple(args.ab_workloads))
     res["actors"] = str(Path(expertmesh.actors.__file__).parent)
     eng.shutdown()
     print("AB-RESULT " + json.dumps(res), flush=True)
@@ -398,7 +402,7 @@ def ab_main(args) -> int:
         subprocess.run(["patch", "-R", "-p1", "-s", "-d", str(base_dir)], input=diff, check=True)
     sides = {"base": str(base_dir / "actors"), "new": ""}
     cmd = [sys.executable, __file__, "--ab-child", "--threads", str(args.threads), "--dtype", args.dtype,
-           "--preset", args.preset, "--seed", str(args.seed)]
+           "--preset", args.preset, "--seed", str(args.seed), "--ab-workloads", *args.ab_workloads]
     runs: dict[str, list[dict]] = {"base": [], "new": []}
     repeats = args.repeats or 3
     for rep in range(repeats):
@@ -411,12 +415,12 @@ def ab_main(args) -> int:
             res = json.loads(line[len("AB-RESULT "):])
             runs[side].append(res)
             log.info("rep %d %-4s (%s): %s", rep, side, res["actors"],
-                     ", ".join(f"{w} {res[w]['tok_s']:.1f} tok/s" for w in AB_WORKLOADS))
+                     ", ".join(f"{w} {res[w]['tok_s']:.1f} tok/s" for w in args.ab_workloads))
     label = args.ab_base or f"HEAD without {args.ab_revert}"
     summary = {"base": label, "threads": args.threads, "dtype": args.dtype, "repeats": repeats}
     print(f"\n== data plane A/B: this checkout vs actors/ of {label} ({args.preset}, {args.dtype}, "
           f"{args.threads} torch threads, output tok/s, wall incl. prefill) ==")
-    for w in AB_WORKLOADS:
+    for w in args.ab_workloads:
         base = [r[w]["tok_s"] for r in runs["base"]]
         new = [r[w]["tok_s"] for r in runs["new"]]
         ratios = [n / b for n, b in zip(new, base)]
@@ -502,6 +506,7 @@ def main(argv=None) -> int:
                     help="compare this checkout's actors/ with those of GIT_REV on the issue-14 workloads")
     ap.add_argument("--ab-revert", default=None, metavar="A..B",
                     help="like --ab-base, the base being HEAD's actors/ with the changes A..B reverse-applied")
+    ap.add_argument("--ab-workloads", nargs="+", default=list(AB_WORKLOADS), choices=AB_WORKLOADS)
     ap.add_argument("--ab-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
