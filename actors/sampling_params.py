@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 # Below this temperature the sampler treats a request as greedy: dividing logits by a temperature
 # near zero overflows fp32 and turns the softmax into NaN (vLLM uses the same epsilon).
 SAMPLING_EPS = 1e-5
+# Bounds of OpenAI's API where it has one (temperature), sane ones where it has none.
+MAX_TEMPERATURE = 2.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 64
 
 
 class InvalidRequestError(ValueError):
@@ -59,8 +64,8 @@ class SamplingParams:
                 bad(name, f"must be a number, got {value!r}")
         if not is_int(self.max_tokens) or self.max_tokens <= 0:
             bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
-        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
-            bad("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not (0.0 <= self.temperature <= MAX_TEMPERATURE):
+            bad("temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < -1 or self.top_k == 0:
@@ -77,8 +82,12 @@ class SamplingParams:
             bad("seed", f"must be a non-negative integer, got {self.seed!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
-        if len(self.stop) > 16:
-            bad("stop", f"at most 16 stop strings, got {len(self.stop)}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            bad("stop", f"each stop string at most {MAX_STOP_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
         if not isinstance(self.logprobs, int) or not (0 <= self.logprobs <= 20):

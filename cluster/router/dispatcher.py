@@ -179,9 +179,12 @@ class Dispatcher:
             failures += 1
             self.failures_total += 1
             failed_at = loop.time() if failed_at is None else failed_at
-            last_error = RouterError(grpc.StatusCode.UNAVAILABLE, failure)
+            last_error = RouterError(grpc.StatusCode.UNAVAILABLE, f"no healthy replica left for request {request_id} "
+                                                                  "after a replica failed under it")
             if failures > self.max_resumes:
-                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"gave up after {failures} replica failures: {failure}")
+                log.error("request %s: giving up after %d replica failures; last: %s", request_id, failures, failure)
+                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this request failed "
+                                                               f"{failures} times (request {request_id})")
             if request.resume_token_ids:
                 self.resumed_total += 1
             log.warning("request %s: %s; resuming after %d streamed tokens", request_id, failure,

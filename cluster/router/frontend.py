@@ -88,6 +88,12 @@ class Frontend:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RouterError.invalid(field, f"token id {bad} is outside the vocabulary [0, {vocab})")
+        prefix = "sampling." if max_tokens_field.startswith("sampling.") else ""  # gRPC's naming, or HTTP's
+        if sampling.top_k > vocab:
+            raise RouterError.invalid(prefix + "top_k", f"must be at most the vocabulary size {vocab}, got {sampling.top_k}")
+        outside = next((t for t in sampling.stop_token_ids if t >= vocab), None)
+        if outside is not None:
+            raise RouterError.invalid(prefix + "stop_token_ids", f"token id {outside} is outside the vocabulary [0, {vocab})")
         ctx = self.info.max_context_length
         if len(ids) >= ctx:
             raise RouterError.invalid(field, f"{len(ids)} prompt tokens; the model's context is {ctx} tokens")

@@ -332,7 +332,7 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
                 prompt = prompt[0]
             ids = await frontend.off_loop.run(len(prompt), frontend.encode, prompt) if isinstance(prompt, str) \
                 else list(prompt)
-            frontend.check_prompt(ids, sp, given, "prompt")
+            frontend.check_prompt(ids, sp, given, "prompt", "max_tokens")
         except RouterError as exc:
             return _error(exc, request.state.rid)
         echo = (prompt if isinstance(prompt, str) else frontend.tokenizer.decode(ids)) if req.echo else ""
