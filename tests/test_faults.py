@@ -139,3 +139,26 @@ def test_kill_rank_then_replica_loses_no_request_and_no_token(app):
     assert not mismatches, f"streams that differ from the fault-free run: clients {sorted(set(mismatches))}"
     with GenerationClient(app, timeout=30) as c:  # nothing left running or queued
         assert all(r.running == 0 and r.waiting == 0 for r in c.load().replicas if r.healthy)
+
+
+def test_engine_service_wants_the_apps_internal_credential(app):
+    """A replica's EngineService (its address is in GetLoad) refuses callers without the app's token."""
+    import grpc
+    import ray
+
+    from expertmesh.v1 import engine_pb2, engine_pb2_grpc
+
+    registry = get_registry(RegistryRef(APP))
+    address = entries()[0]["address"]
+    request = engine_pb2.EngineGenerateRequest(request_id="sneak", prompt_token_ids=[0, 5, 6])
+    with grpc.insecure_channel(address) as ch:
+        stub = engine_pb2_grpc.EngineServiceStub(ch)
+        for call in (lambda md: list(stub.Generate(request, timeout=30, metadata=md)),
+                     lambda md: stub.Abort(engine_pb2.AbortRequest(request_id="x"), timeout=30, metadata=md)):
+            for md in ((), (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(md)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = ray.get(registry.internal_token.remote())
+        load = stub.GetLoad(engine_pb2.EngineLoadRequest(), timeout=30, metadata=(("authorization", f"Bearer {token}"),))
+        assert load.replica_id

@@ -156,14 +156,17 @@ def test_load_step_scales_up_serves_and_scales_down(app):
     new_replica_served_at = None
     while time.monotonic() - t0 < 120:
         seen_max[0] = max(seen_max[0], replicas_running())
-        _, entries = ray.get(get_registry(RegistryRef(APP)).snapshot.remote())
+        registry = get_registry(RegistryRef(APP))
+        _, entries = ray.get(registry.snapshot.remote())
+        credential = (("authorization", f"Bearer {ray.get(registry.internal_token.remote())}"),)
         if len(entries) >= 2:
             loads = []
             for e in entries:
                 with grpc.insecure_channel(e["address"]) as ch:
                     from expertmesh.v1 import engine_pb2, engine_pb2_grpc
 
-                    loads.append(engine_pb2_grpc.EngineServiceStub(ch).GetLoad(engine_pb2.EngineLoadRequest(), timeout=5))
+                    loads.append(engine_pb2_grpc.EngineServiceStub(ch).GetLoad(engine_pb2.EngineLoadRequest(), timeout=5,
+                                                                               metadata=credential))
             if sum(1 for ld in loads if ld.prompt_tokens_total > 0) >= 2:
                 new_replica_served_at = time.monotonic() - t0
                 starts = [e["metadata"].get("started_s") for e in entries]

@@ -148,8 +148,10 @@ class EngineServer:
     """Lifecycle of one replica's EngineService server (plus grpc.health.v1)."""
 
     def __init__(self, engine: "AsyncEngine", host: str = "127.0.0.1", port: int = 0,
-                 replica_id: str | None = None, max_waiting: int = 0, tokenizer_path: str = "") -> None:
+                 replica_id: str | None = None, max_waiting: int = 0, tokenizer_path: str = "",
+                 auth_token: str | None = None) -> None:
         self.host, self.port = host, port
+        self.auth_token = auth_token  # set: calls need it (the app's internal credential); health stays open
         self.replica_id = replica_id or f"replica-{uuid.uuid4().hex[:8]}"
         self.servicer = EngineServicer(engine, self.replica_id, max_waiting, tokenizer_path)
         self.health = health.aio.HealthServicer()
@@ -160,7 +162,10 @@ class EngineServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> str:
-        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        from expertmesh.cluster.auth import BearerTokenInterceptor
+
+        interceptors = [BearerTokenInterceptor(self.auth_token)] if self.auth_token else []
+        server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         engine_pb2_grpc.add_EngineServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")

@@ -68,15 +68,15 @@ class ReplicaHost:
         from expertmesh.cluster.router.registry import RegistryClient, RegistryRef
 
         self._loop = asyncio.get_running_loop()
+        if self.registry is None:
+            self.registry = RegistryClient(self.replica_id, "", {}, ref=RegistryRef(self.settings.app,
+                                                                                   self.settings.namespace))
+        self.server.auth_token = await self.registry.internal_token()  # only this app's router gets in
         address = await self.server.start()
         ranks = [{k: v for k, v in r.items() if k != "read_tensor_names"} for r in self.engine.engine.executor.describe()]
         meta = {"model": self.engine.model_name, "pid": str(os.getpid()), "ranks": json.dumps(ranks),
                 "started_s": f"{time.monotonic() - self._t0:.1f}", **self.settings.extra_metadata}
-        if self.registry is None:
-            self.registry = RegistryClient(self.replica_id, address, meta,
-                                           ref=RegistryRef(self.settings.app, self.settings.namespace))
-        else:
-            self.registry.address, self.registry.metadata = address, {**meta, **self.registry.metadata}
+        self.registry.address, self.registry.metadata = address, {**meta, **self.registry.metadata}
         await self.registry.start()
         log.info("engine replica %s serving on %s", self.replica_id, address)
         return address

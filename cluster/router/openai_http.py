@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
-from expertmesh.cluster.router.auth import token_matches
+from expertmesh.cluster.auth import token_matches
 from expertmesh.cluster.router.dispatcher import Delta, Dispatcher
 from expertmesh.cluster.router.errors import RouterError
 from expertmesh.cluster.router.frontend import Frontend, PreparedRequest

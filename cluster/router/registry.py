@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -57,6 +58,12 @@ class ReplicaRegistry:
         self.ttl_s = ttl_s
         self.version = 0
         self._entries: dict[str, RegistryEntry] = {}
+        # The app's internal credential: its replicas accept EngineService calls only with it, and
+        # its router sends it. Made here, once per app, kept in the cluster (never in a snapshot).
+        self._internal_token = secrets.token_hex(32)
+
+    def internal_token(self) -> str:
+        return self._internal_token
 
     def register(self, replica_id: str, address: str, metadata: dict[str, str] | None = None) -> int:
         current = self._entries.get(replica_id)
@@ -138,6 +145,10 @@ class RegistryClient:
     async def register(self) -> None:
         await self.handle.register.remote(self.replica_id, self.address, self.metadata)
 
+    async def internal_token(self) -> str:
+        """The credential this replica's EngineService must require (its app's, from the registry)."""
+        return await self.handle.internal_token.remote()
+
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
@@ -198,12 +209,16 @@ class RayRegistrySource:
 
     def __init__(self, handle: Any = None, ref: RegistryRef = RegistryRef()) -> None:
         self._handle, self.ref = handle, ref
+        self._token: str | None = None
 
     async def snapshot(self) -> tuple[int, list[ReplicaEndpoint]]:
         if self._handle is None:
             self._handle = get_or_create_registry(self.ref)
+        if self._token is None:
+            self._token = await self._handle.internal_token.remote()
         version, entries = await self._handle.snapshot.remote()
-        return version, [ReplicaEndpoint(e["replica_id"], e["address"], e.get("metadata") or {}) for e in entries]
+        return version, [ReplicaEndpoint(e["replica_id"], e["address"], e.get("metadata") or {}, self._token)
+                         for e in entries]
 
 
 class RegistryWatcher:

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import grpc
 from grpc import aio
 
+from expertmesh.cluster.auth import bearer_client_interceptors
 from expertmesh.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class ReplicaEndpoint:
     replica_id: str
     address: str  # host:port of the replica's EngineService
     metadata: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    auth_token: str | None = field(default=None, repr=False, hash=False, compare=False)  # internal credential
 
 
 class Replica:
@@ -52,7 +54,8 @@ class Replica:
 
     def __init__(self, endpoint: ReplicaEndpoint) -> None:
         self.endpoint = endpoint
-        self.channel = aio.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS)
+        self.channel = aio.insecure_channel(endpoint.address, options=CHANNEL_OPTIONS,
+                                            interceptors=bearer_client_interceptors(endpoint.auth_token))
         self.stub = engine_pb2_grpc.EngineServiceStub(self.channel)
         self.healthy = True  # optimistic: a new replica is probed right away anyway
         self.leaving = False

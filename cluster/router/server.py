@@ -14,7 +14,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from expertmesh.cluster.router.auth import BearerTokenInterceptor, server_credentials
+from expertmesh.cluster.auth import BearerTokenInterceptor, server_credentials
 from expertmesh.cluster.router.config import RouterConfig
 from expertmesh.cluster.router.dispatcher import Delta, Dispatcher
 from expertmesh.cluster.router.errors import RouterError

@@ -215,9 +215,11 @@ def status(name: str = "expertmesh", address: str | None = None) -> dict[str, An
             out["deployments"][dname] = {"status": d.status.value,
                                          "replicas": {getattr(k, "value", k): v for k, v in d.replica_states.items()}}
     try:
-        _, entries = ray.get(get_registry(RegistryRef(name, st.get("namespace", "expertmesh"))).snapshot.remote())
+        registry = get_registry(RegistryRef(name, st.get("namespace", "expertmesh")))
+        _, entries = ray.get(registry.snapshot.remote())
+        credential = (("authorization", f"Bearer {ray.get(registry.internal_token.remote())}"),)
     except ValueError:
-        entries = []
+        entries, credential = [], ()
     for e in entries:
         rec: dict[str, Any] = {"replica_id": e["replica_id"], "address": e["address"]}
         meta = e.get("metadata") or {}
@@ -226,7 +228,8 @@ def status(name: str = "expertmesh", address: str | None = None) -> dict[str, An
                 rec[key] = json.loads(meta[key])
         try:
             with grpc.insecure_channel(e["address"]) as ch:
-                load = engine_pb2_grpc.EngineServiceStub(ch).GetLoad(engine_pb2.EngineLoadRequest(), timeout=5)
+                load = engine_pb2_grpc.EngineServiceStub(ch).GetLoad(engine_pb2.EngineLoadRequest(), timeout=5,
+                                                                     metadata=credential)
             rec.update(running=load.running, waiting=load.waiting, kv_usage=round(load.kv_usage, 4),
                        cache_hit_rate=round(load.cache_hit_rate, 4))
         except grpc.RpcError as exc:

@@ -1,4 +1,4 @@
-"""Bearer-token auth and TLS for the router's public servers.
+"""Bearer-token auth and TLS: the router's public servers and the replicas' internal EngineService.
 
 The gRPC interceptor rejects calls without `authorization: Bearer <token>` with UNAUTHENTICATED
 before any handler runs. Health checks stay open so load balancers and Kubernetes probes work
@@ -75,3 +75,30 @@ def server_credentials(cert_file: str | Path, key_file: str | Path,
     cert, key = Path(cert_file).read_bytes(), Path(key_file).read_bytes()
     ca = Path(client_ca_file).read_bytes() if client_ca_file else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class _BearerMetadata:
+    """Adds `authorization: Bearer <token>` to every call of a client channel."""
+
+    def __init__(self, token: str) -> None:
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+        md = aio.Metadata(*(details.metadata or ()), self._md)
+        return aio.ClientCallDetails(details.method, details.timeout, md, details.credentials,
+                                     details.wait_for_ready)
+
+
+class BearerUnaryUnary(_BearerMetadata, aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class BearerUnaryStream(_BearerMetadata, aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+def bearer_client_interceptors(token: str | None) -> list:
+    """Client interceptors that send `token` on every unary and server-streaming call (none: [])."""
+    return [BearerUnaryUnary(token), BearerUnaryStream(token)] if token else []
