@@ -44,7 +44,7 @@ class AsyncEngine:
         self.engine.validate(req)  # raises InvalidRequestError before anything is queued
         if self._draining:
             raise QueueFullError("replica is draining")
-        if len(self.engine.scheduler.waiting) + len(self._adds) >= self.engine.config.scheduler.max_waiting_requests:
+        if self.engine.scheduler.queue_full(pending=len(self._adds)):
             raise QueueFullError("waiting queue is full")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

@@ -80,8 +80,12 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def queue_full(self) -> bool:
-        return len(self.waiting) >= self.config.max_waiting_requests
+    def queue_full(self, pending: int = 0) -> bool:
+        """Whether `pending` more requests (plus those waiting) would overflow the waiting queue.
+        Requests that free running slots will take at the next step do not count as queued: a
+        burst is admitted up to max_running_requests before anything is refused."""
+        free = max(0, self.config.max_running_requests - len(self.running))
+        return len(self.waiting) + pending - free >= self.config.max_waiting_requests
 
     def remove_waiting(self, req: Request) -> bool:
         try:
