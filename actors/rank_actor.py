@@ -40,17 +40,19 @@ class RankActor:
 
     def free_port(self) -> int:
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((self.node_address(), 0))
             return s.getsockname()[1]
 
-    def setup(self, master_addr: str, master_port: int, timeout_s: float) -> dict:
-        """Joins the process group (blocks until every rank has joined) and loads this rank's weights."""
+    def setup(self, init_method: str, timeout_s: float) -> dict:
+        """Joins the process group (blocks until every rank has joined) and loads this rank's weights.
+        `init_method`: tcp://MASTER:PORT across machines; file://PATH when every rank shares this
+        machine (no rendezvous socket at all: torch's TCPStore listens on every interface)."""
         group = None
         if self.spec.ep_size > 1:
             backend = "nccl" if self.spec.device.startswith("cuda") else "gloo"
             dist.init_process_group(
                 backend,
-                init_method=f"tcp://{master_addr}:{master_port}",
+                init_method=init_method,
                 rank=self.spec.ep_rank,
                 world_size=self.spec.ep_size,
                 timeout=timedelta(seconds=timeout_s),

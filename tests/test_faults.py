@@ -162,3 +162,23 @@ def test_engine_service_wants_the_apps_internal_credential(app):
         token = ray.get(registry.internal_token.remote())
         load = stub.GetLoad(engine_pb2.EngineLoadRequest(), timeout=30, metadata=(("authorization", f"Bearer {token}"),))
         assert load.replica_id
+
+
+def test_no_socket_of_ours_listens_on_a_wildcard_address(app):
+    """The router, every EngineService and the rank actors (no TCPStore: a local group meets through
+    a file) listen on loopback only. Ray's own listeners (Serve's inter-deployment gRPC on [::]:0)
+    are Ray's and documented in the README."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("ss"):
+        pytest.skip("ss (iproute2) is not installed")
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    ours = {int(app.rsplit(":", 1)[1])} | {int(e["address"].rsplit(":", 1)[1]) for e in entries()}
+    for line in out:
+        local = line.split()[3]
+        host, port = local.rsplit(":", 1)
+        wildcard = host in ("*", "0.0.0.0", "[::]", "::")
+        if int(port) in ours:
+            assert host in ("127.0.0.1", "[::ffff:127.0.0.1]"), line  # grpc binds v4 as v4-mapped v6
+        assert not (wildcard and "RankActor" in line), line

@@ -8,14 +8,17 @@ error naming it; the others fall out of their collective after `collective_timeo
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from expertmesh.actors.rank_actor import RankActor
 from expertmesh.actors.step import StepInput, StepOutput
 from expertmesh.actors.worker import ModelWorker, WorkerSpec
+from expertmesh.cluster.ray_cluster import is_local_address
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +112,12 @@ class RayGroupExecutor:
                 runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if placement.gpus_per_rank == 0 and _is_local() else None,
             )
             self.actors.append(actor_cls.options(**opts).remote(rank_spec))
-        master = ray.get(self.actors[0].node_address.remote())
-        port = ray.get(self.actors[0].free_port.remote())
-        self.info = ray.get([a.setup.remote(master, port, collective_timeout_s) for a in self.actors], timeout=600)
+        init_method = self._init_method()
+        try:
+            self.info = ray.get([a.setup.remote(init_method, collective_timeout_s) for a in self.actors], timeout=600)
+        finally:  # the rendezvous is over (gloo and NCCL connect their pairs at init): drop its file
+            if init_method.startswith("file://"):
+                Path(init_method.removeprefix("file://")).unlink(missing_ok=True)
         nodes = ray.get([a.node_address.remote() for a in self.actors])
         node_ids = ray.get([a.node_id.remote() for a in self.actors])
         for i, n, nid in zip(self.info, nodes, node_ids):
@@ -119,6 +125,18 @@ class RayGroupExecutor:
             i["actor_name"] = f"expertmesh/{self.group_name}/rank-{i['rank']}"
         self.failed: str | None = None
         log.info("expert-parallel group %s: %d ranks on nodes %s", self.group_name, self.ep_size, sorted(set(node_ids)))
+
+    def _init_method(self) -> str:
+        """Rendezvous of the group: a file when every rank is on this machine's loopback (nothing
+        listens), else rank 0's TCPStore on its node address."""
+        import ray
+
+        nodes = set(ray.get([a.node_address.remote() for a in self.actors]))
+        if all(is_local_address(n) for n in nodes):
+            return f"file://{tempfile.gettempdir()}/expertmesh-pg-{self.group_name.replace('/', '-')}-{uuid.uuid4().hex}"
+        master = ray.get(self.actors[0].node_address.remote())
+        port = ray.get(self.actors[0].free_port.remote())
+        return f"tcp://{master}:{port}"
 
     def step(self, inputs: list[StepInput]) -> list[StepOutput]:
         import ray
@@ -182,8 +200,6 @@ def _rank_error(exc: Exception) -> str:
 def _is_local() -> bool:
     """This node runs on loopback (a local cluster): keep the ranks' gloo traffic there too."""
     import ray
-
-    from expertmesh.cluster.ray_cluster import is_local_address
 
     try:
         return is_local_address(ray.util.get_node_ip_address())
