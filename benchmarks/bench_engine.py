@@ -50,7 +50,7 @@ def load_engine(ckpt: Path, dtype: str, prefix_cache: bool, kv_tokens: int):
 
 def load_hf(ckpt: Path, dtype: str):
     import torch
-    from expertmesh.cluster.checkpoints import load_hf_reference_model
+    from expertmesh.cluster.devtools.checkpoints import load_hf_reference_model
 
     hf = load_hf_reference_model(ckpt).to(getattr(torch, dtype)).eval()
     # ignore_eos: no EOS stop and no EOS logits processor (min_new_tokens would add a [B, V]

@@ -38,7 +38,7 @@ log = logging.getLogger("bench_router")
 # ---- server processes ---------------------------------------------------------------------------
 def _replica_proc(ckpt: str, q: mp.Queue) -> None:
     from expertmesh.cluster.engine.grpc_service import EngineServer
-    from expertmesh.cluster.router.synthetic import SyntheticEngine
+    from expertmesh.cluster.devtools.synthetic import SyntheticEngine
 
     async def main() -> None:
         server = EngineServer(SyntheticEngine(ckpt, max_running=100_000), replica_id="bench-r0",

@@ -37,7 +37,7 @@ def ensure_checkpoint(preset: str, folder: Path | None = None, seed: int = 0) ->
     marker = folder / ".complete"
     if marker.exists():
         return folder
-    from expertmesh.cluster.checkpoints import make_checkpoint
+    from expertmesh.cluster.devtools.checkpoints import make_checkpoint
 
     t0 = time.perf_counter()
     make_checkpoint(folder, preset=preset, seed=seed)

@@ -114,7 +114,7 @@ def has(opt: dict, key: str) -> bool:
 
 
 def make_ckpt(folder: Path, preset: str, with_tokenizer: bool) -> Path:
-    from expertmesh.cluster import checkpoints
+    from expertmesh.cluster.devtools import checkpoints
 
     marker = folder / ".complete"
     if marker.exists():
@@ -136,7 +136,7 @@ def make_ckpt(folder: Path, preset: str, with_tokenizer: bool) -> Path:
 def hf_tokens(ckpt: Path, prompts, n: int, device: str) -> list[list[int]]:
     import torch
 
-    from expertmesh.cluster.checkpoints import load_hf_reference_model
+    from expertmesh.cluster.devtools.checkpoints import load_hf_reference_model
 
     hf = load_hf_reference_model(ckpt).to(device)
     out = []

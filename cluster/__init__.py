@@ -5,5 +5,6 @@
 - wire.py  the router↔replica wire: every proto ↔ Python conversion, shared by both sides
 - serve/   the Ray Serve application (thin shells over router/ and engine/) and up/status/down
 - kube/    KubeRay manifests rendered from the config, and their offline validation
-- config.py, tokenizer.py, ray_cluster.py, local_head.py, telemetry/, checkpoints.py, cli.py
+- devtools/ the seeded checkpoint generator and a synthetic engine (tests, demo, benchmarks)
+- config.py, tokenizer.py, ray_cluster.py, local_head.py, auth.py, telemetry/, cli.py
 """

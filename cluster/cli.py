@@ -30,7 +30,7 @@ def _ids(text: str) -> list[int]:
 
 # -- make-checkpoint --------------------------------------------------------------------------------
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
-    from expertmesh.cluster.checkpoints import make_checkpoint
+    from expertmesh.cluster.devtools.checkpoints import make_checkpoint
 
     path = make_checkpoint(args.dir, preset=args.preset, fp8=args.fp8, seed=args.seed,
                            overrides=dict(args.set or []), gate_skew=args.gate_skew)

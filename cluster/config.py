@@ -21,7 +21,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 log = logging.getLogger(__name__)
 
 # Routed experts per checkpoint preset that `generate_if_missing` can build (kept in step with
-# cluster/checkpoints.py), and DeepSeek-V3/R1's own count, for checking ep_size before any
+# cluster/devtools/checkpoints.py), and DeepSeek-V3/R1's own count, for checking ep_size before any
 # checkpoint exists.
 PRESET_ROUTED_EXPERTS: dict[str, int] = {"tiny": 16, "small": 64}
 DEEPSEEK_R1_ROUTED_EXPERTS = 256

@@ -21,7 +21,7 @@ PROMPTS: list[list[int]] = [
 
 @functools.lru_cache(maxsize=8)
 def _model(path: str):
-    from expertmesh.cluster.checkpoints import load_hf_reference_model
+    from expertmesh.cluster.devtools.checkpoints import load_hf_reference_model
 
     return load_hf_reference_model(path)
 

@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 Checkpoints: seeded random DeepSeek-V3 checkpoints written once per session (see
-expertmesh.cluster.checkpoints.make_checkpoint). Treat them as read-only: a test that damages a
+expertmesh.cluster.devtools.checkpoints.make_checkpoint). Treat them as read-only: a test that damages a
 checkpoint clones it first (hard links for shards — unlink, never rewrite a linked file in place).
 """
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-# ---- checkpoints (cluster/checkpoints.py) ---------------------------------------------------
+# ---- checkpoints (cluster/devtools/checkpoints.py) ---------------------------------------------------
 
 TINY_FP8_OVERRIDES = {"hidden_size": 192, "moe_intermediate_size": 160}  # partial 128x128 blocks
 
 
 def _make_ckpt(factory: pytest.TempPathFactory, name: str, **kwargs) -> Path:
-    from expertmesh.cluster.checkpoints import make_checkpoint
+    from expertmesh.cluster.devtools.checkpoints import make_checkpoint
 
     return make_checkpoint(factory.mktemp(name), **kwargs)
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from expertmesh.actors.loader import CheckpointReader, expert_of, needed_names
 from expertmesh.actors.model.config import ModelConfig
-from expertmesh.cluster.checkpoints import PRESETS, hub_config, load_hf_reference_model, make_checkpoint
+from expertmesh.cluster.devtools.checkpoints import PRESETS, hub_config, load_hf_reference_model, make_checkpoint
 
 torch.set_num_threads(1)
 

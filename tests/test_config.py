@@ -206,7 +206,7 @@ def test_r1_memory_arithmetic_matches_config() -> None:
 
 def test_preset_expert_counts_match_the_generator() -> None:
     """config.py keeps its own copy (no torch import to load a config); it must not drift."""
-    from expertmesh.cluster.checkpoints import PRESETS
+    from expertmesh.cluster.devtools.checkpoints import PRESETS
     from expertmesh.cluster.config import PRESET_ROUTED_EXPERTS
 
     assert PRESET_ROUTED_EXPERTS == {name: p["n_routed_experts"] for name, p in PRESETS.items()}

@@ -11,7 +11,7 @@ import pytest
 from _router_env import LoopThread, start_replica
 from expertmesh.cluster.router.client import GenerationClient
 from expertmesh.cluster.router.config import RouterConfig
-from expertmesh.cluster.router.synthetic import SyntheticEngine
+from expertmesh.cluster.devtools.synthetic import SyntheticEngine
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 from _router_env import LoopThread, start_replica, start_router, wait_for
 from expertmesh.cluster.router.client import GenerationClient
 from expertmesh.cluster.router.registry import RayRegistrySource, RegistryClient, RegistryRef
-from expertmesh.cluster.router.synthetic import SyntheticEngine
+from expertmesh.cluster.devtools.synthetic import SyntheticEngine
 
 REF = RegistryRef(app="router-test")  # an app of its own: other Ray tests may run one
 OTHER = RegistryRef(app="router-test-other")

@@ -17,7 +17,7 @@ from expertmesh.cluster.router.client_cli import chat_main, client_generate_main
 from expertmesh.cluster.router.registry import (ReplicaRegistry, RegistryWatcher, StaticReplicaSource,
                                                 parse_static)
 from expertmesh.cluster.router.replicas import ReplicaEndpoint, ReplicaSet
-from expertmesh.cluster.router.synthetic import SyntheticEngine
+from expertmesh.cluster.devtools.synthetic import SyntheticEngine
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
 REASONING = "Okay, the user greets me. I should greet back."

@@ -385,7 +385,7 @@ def run_exact(args, ckpt: Path, data: dict) -> None:
     got: dict = {}
     errors: dict = {}
     try:
-        from expertmesh.cluster.checkpoints import load_hf_reference_model
+        from expertmesh.cluster.devtools.checkpoints import load_hf_reference_model
 
         hf = load_hf_reference_model(ckpt).float().eval()
         hf.generation_config.eos_token_id = None

@@ -128,7 +128,7 @@ def up(config_path: str, address: str | None = None, timeout_s: float = 600.0, n
         spec = cfg.model.generate_if_missing
         if spec is None:
             raise FileNotFoundError(f"model.checkpoint {ckpt} does not exist and model.generate_if_missing is not set")
-        from expertmesh.cluster.checkpoints import make_checkpoint
+        from expertmesh.cluster.devtools.checkpoints import make_checkpoint
 
         log.info("generating the %s checkpoint at %s", spec.preset, ckpt)
         make_checkpoint(ckpt, preset=spec.preset, seed=spec.seed, fp8=spec.fp8)
