@@ -187,3 +187,15 @@ def test_overload_is_refused_fast_and_fills_every_running_slot(tiny_ckpt):
     assert other == 0 and len(served) + len(refused) == 200
     assert len(served) >= 32 and peak[0] == 32  # every running slot filled before the queue counted as full
     assert p99(refused) < 1.0  # generous (goal 50 ms; this shared 2-core machine is noisy)
+
+
+@pytest.mark.parametrize("path, body, message, param", [
+    ("/v1/completions", b'{"prompt": "hi", ', "not valid JSON", None),
+    ("/v1/completions", b'{"prompt": "\xff\xfe"}', "could not be decoded", None),
+    ("/v1/chat/completions", b'{"messages": [{"role": 5, "content": "x"}]}', "messages[0].role", "messages[0].role"),
+])
+def test_undecodable_bodies_get_openai_errors(env, path, body, message, param):
+    r = httpx.post(env.http_address + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    err = r.json()["error"]
+    assert message in err["message"] and err["param"] == param and err["type"] == "invalid_request_error"

@@ -13,13 +13,14 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal, Sequence
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
 from expertmesh.cluster.auth import token_matches
@@ -155,6 +156,16 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def _field_path(loc: Sequence[Any]) -> str:
+    """pydantic's loc as the client spells the field: messages[0].role."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
 def _too_large(exc: RouterError, rid: str) -> JSONResponse:
     body = exc.openai_body()
     body["error"].update(type="invalid_request_error", code="request_too_large", param=None)
@@ -200,8 +211,22 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-        return _error(RouterError.invalid(field, first["msg"]), getattr(request.state, "rid", ""))
+        rid = getattr(request.state, "rid", "")
+        if first.get("type") == "json_invalid":  # loc is a byte offset, not a field
+            offset = next((p for p in first["loc"] if isinstance(p, int)), None)
+            at = f" (at byte {offset})" if offset is not None else ""
+            err = RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not valid JSON{at}")
+            return _error(err, rid)
+        return _error(RouterError.invalid(_field_path(first["loc"]), first["msg"]), rid)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own refusals (an undecodable body, an unknown route) in OpenAI's error object."""
+        code = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+                405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT)
+        message = "the request body could not be decoded (send UTF-8 JSON)" if exc.status_code == 400 else str(exc.detail)
+        body = RouterError(code, message).openai_body()
+        return JSONResponse(body, status_code=exc.status_code, headers={"x-request-id": getattr(request.state, "rid", "")})
 
     @app.get("/health")
     async def healthz() -> JSONResponse:
