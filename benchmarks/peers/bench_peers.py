@@ -150,6 +150,16 @@ class PeerProcess:
         self.log_file.close()
 
 
+def close_all(engines: dict) -> None:
+    """Close every engine (best effort: one that failed must not keep the others open)."""
+    for e in engines.values():
+        try:
+            e.close()
+        except Exception:  # noqa: BLE001
+            pass
+    engines.clear()
+
+
 # -- expertmesh, in this process -------------------------------------------------------------------------------
 class ExpertmeshLocal:
     name = "expertmesh"
@@ -366,11 +376,7 @@ def run_ep(args, ckpt: Path, data: dict) -> None:
                                   "ep1_median": median(t1), "ep2_median": median(t2),
                                   "ep2_over_ep1_per_repeat": ratio, "ep2_over_ep1_median": median(ratio)}
     finally:
-        for e in engines.values():
-            try:
-                e.close()
-            except Exception:
-                pass
+        close_all(engines)
         ray.shutdown()
     data["ep"] = ep
 
@@ -591,12 +597,7 @@ def main(argv=None) -> int:
         try:
             run_peers(args, engines, data)
         finally:
-            for e in engines.values():
-                try:
-                    e.close()
-                except Exception:
-                    pass
-            engines.clear()
+            close_all(engines)
             gc.collect()
         data.pop("peers_partial", None)
         benchlib.write_json(args.out / "peers.json", data)
