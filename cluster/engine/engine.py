@@ -232,6 +232,10 @@ class Engine:
             kv_used_tokens=self.scheduler.kv_used(), kv_total_tokens=self.scheduler.kv_total(),
             cache_hit_rate=s.cached_tokens / s.prompt_tokens if s.prompt_tokens else 0.0,
             prompt_tokens_total=s.prompt_tokens, cached_tokens_total=s.cached_tokens,
+            kv_reserved_tokens=self.scheduler.kv_reserved(),
+            retractions_total=self.scheduler.admission_stats.retractions,
+            recomputed_tokens_total=self.scheduler.admission_stats.recomputed_tokens,
+            admission=self.scheduler.config.admission,
         )
 
     def kv_free_slots(self) -> int:

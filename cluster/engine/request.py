@@ -26,7 +26,8 @@ class Request:
     prompt: list[int]
     params: SamplingParams  # for a resumed request, max_tokens counts only what is left
     detok: IncrementalDetokenizer
-    resumed: int = 0  # trailing prompt tokens that are output produced before a resume
+    resumed: int = 0  # trailing prompt tokens that are output produced before a resume or retraction
+    retractions: int = 0  # times the scheduler took its KV back to make room (it then resumed)
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     rank: int = -1

@@ -1,16 +1,27 @@
 """The scheduler: which requests run this step, on which data-parallel rank, with which KV slots.
 
 Continuous batching: every step carries one decode token per running request plus prefill chunks
-of admitted requests, under a per-rank token budget. Admission reserves KV for a request's whole
-life (uncached prompt + max_tokens, in pages), counting evictable cached prefixes as free, so a
-running request never runs out of KV and nothing is preempted; requests that do not fit queue.
+of admitted requests, under a per-rank token budget.
+
+Admission, two policies (`admission`):
+- "use" (default): admit while the pool holds what running requests hold now plus an estimate of
+  their growth (remaining max_tokens × a new-token ratio that decays step by step, SGLang's
+  scheme) and a headroom. When a decode step finds the pool short, the latest admitted requests
+  are retracted: their KV goes into the radix cache (reused if still there on readmission), and
+  they requeue at the front as resumed requests (prompt + output so far, same sampling state), so
+  they finish with exactly the tokens they would have produced. Reasoning models stop long
+  before max_tokens; reserving max_tokens would leave most of the pool empty.
+- "lifetime": reserve each request's whole life (uncached prompt + max_tokens) at admission;
+  nothing is ever retracted, at the price of admitting far fewer long-max_tokens requests.
+Evictable cached prefixes count as free in both.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -31,6 +42,29 @@ class SchedulerConfig:
     max_batch_tokens: int = 2048  # per rank per step
     chunked_prefill_tokens: int = 512
     max_waiting_requests: int = 1024
+    admission: Literal["use", "lifetime"] = "use"
+    # "use" admission: expected growth of a running request = remaining max_tokens × ratio (at
+    # most estimate_clip_tokens); the ratio starts at init, decays linearly to min over
+    # ratio_decay_steps decode steps, and jumps back up after a retraction.
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    ratio_decay_steps: int = 600
+    estimate_clip_tokens: int = 4096
+    headroom_tokens: int = 0  # extra free KV per rank admission keeps (on top of a page per request)
+    retract_decode_steps: int = 20  # after a retraction, assume each request decodes this many more
+
+    def __post_init__(self) -> None:
+        if self.admission not in ("use", "lifetime"):
+            raise ValueError(f"admission must be 'use' or 'lifetime', got {self.admission!r}")
+        if not 0.0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1.0:
+            raise ValueError("need 0 <= min_new_token_ratio <= init_new_token_ratio <= 1")
+
+
+@dataclass
+class AdmissionStats:
+    retractions: int = 0  # requests retracted (each time)
+    recomputed_tokens: int = 0  # context tokens prefilled again after a retraction (radix misses)
+    peak_running: int = 0
 
 
 @dataclass
@@ -52,6 +86,8 @@ class Scheduler:
         self._released: list[list[str]] = [[] for _ in range(ep_size)]
         self._remaps: list[dict[str, list[int]]] = [{} for _ in range(ep_size)]
         self.reserved = [0] * ep_size  # KV slots promised to admitted requests but not allocated yet
+        self.new_token_ratio = config.init_new_token_ratio
+        self.admission_stats = AdmissionStats()
 
     # -- sizes --------------------------------------------------------------------------------
     @staticmethod
@@ -103,6 +139,13 @@ class Scheduler:
         chosen: list[Request] = []
         step = ScheduledStep(inputs, chosen)
 
+        blocked: set[int] = set()
+        if self.config.admission == "use":
+            self._decay_ratio()
+            for rank in range(self.ep_size):
+                if self._make_room_for_decode(rank, inputs[rank]):
+                    blocked.add(rank)  # just retracted: admit nothing new there this step
+
         # decode first: one token per running request that has sampled one
         for req in self.running.values():
             if req.prefilling or not req.output:
@@ -118,7 +161,6 @@ class Scheduler:
             if req.prefilling and budget[req.rank] > 0:
                 step.prefill_tokens += self._prefill_chunk(req, inputs[req.rank], budget)
                 chosen.append(req)
-        blocked: set[int] = set()
         admitted: list[Request] = []
         for req in list(self.waiting):
             if len(blocked) == self.ep_size:
@@ -136,7 +178,77 @@ class Scheduler:
             chosen.append(req)
         for req in admitted:
             self.waiting.remove(req)
+        self.admission_stats.peak_running = max(self.admission_stats.peak_running, len(self.running))
         return step
+
+    # -- admission by use -------------------------------------------------------------------------
+    def _decay_ratio(self) -> None:
+        cfg = self.config
+        step = (cfg.init_new_token_ratio - cfg.min_new_token_ratio) / max(1, cfg.ratio_decay_steps)
+        self.new_token_ratio = max(cfg.min_new_token_ratio, self.new_token_ratio - step)
+
+    def expected_growth(self, req: Request) -> int:
+        """KV slots `req` is expected to take from now on (admission's estimate, not a promise)."""
+        left = max(0, req.params.max_tokens - len(req.output))
+        return min(self.config.estimate_clip_tokens, int(left * self.new_token_ratio + 0.999))
+
+    def estimated_growth(self, rank: int | None = None) -> int:
+        return sum(self.expected_growth(r) for r in self.running.values() if rank is None or r.rank == rank)
+
+    def _decode_pages_needed(self, rank: int) -> int:
+        """Slots the next decode step on `rank` must allocate: a new page for each decoding
+        request whose last page is full."""
+        p = self.config.page_size
+        return sum(p for r in self.running.values()
+                   if r.rank == rank and not r.prefilling and r.output and len(r.slots) % p == 0)
+
+    def _make_room_for_decode(self, rank: int, inp: StepInput) -> bool:
+        """Retract the latest admitted requests on `rank` until every decode fits. True if any was."""
+        cache = self.caches[rank]
+        retracted = False
+        while self._decode_pages_needed(rank) > cache.available_slots + cache.evictable_tokens:
+            here = [r for r in self.running.values() if r.rank == rank]
+            if len(here) <= 1:  # validate() refused requests that cannot fit alone: cannot happen
+                raise RuntimeError(f"KV pool of rank {rank} too small for one request")
+            victim = max(here, key=lambda r: (r.admitted_at or 0.0, -len(r.output)))
+            self.retract(victim, inp)
+            retracted = True
+        if retracted:
+            self._raise_ratio()
+        return retracted
+
+    def _raise_ratio(self) -> None:
+        """After a retraction the estimate was too low: SGLang's reset, from what running requests
+        decoded so far plus a margin, over what they may still decode."""
+        decoded = sum(len(r.output) + r.resumed for r in self.running.values())
+        total = sum(r.params.max_tokens + r.resumed for r in self.running.values())
+        margin = self.config.retract_decode_steps * len(self.running)
+        if total:
+            self.new_token_ratio = max(self.new_token_ratio, min(1.0, (decoded + margin) / total))
+
+    def retract(self, req: Request, inp: StepInput) -> None:
+        """Free a running request's KV (cached in the radix tree) and requeue it first, to resume
+        from prompt + output so far: the rank's sampling state is rebuilt from those tokens."""
+        cache = self.caches[req.rank]
+        self.running.pop(req.request_id)
+        self.reserved[req.rank] -= req.reserved
+        req.reserved = 0
+        cache.cache_request(req.context_tokens(), req.slots, req.handle, finished=True)
+        if req.announced:
+            inp.released.append(req.request_id)
+            inp.remap.pop(req.request_id, None)
+        log.info("retracted %s from rank %d after %d tokens (pool short)", req.request_id, req.rank, len(req.output))
+        req.prompt = req.prompt + req.output
+        req.resumed += len(req.output)
+        req.params = replace(req.params, max_tokens=req.params.max_tokens - len(req.output))
+        req.output = []
+        req.rank, req.handle, req.slots = -1, None, torch.empty(0, dtype=torch.long)
+        req.computed = 0
+        req.announced = False
+        req.retractions += 1
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.admission_stats.retractions += 1
 
     def _shares_a_prefill(self, req: Request) -> bool:
         """In-batch prefix sharing: a request whose prompt shares at least a page of not-yet-cached
@@ -179,8 +291,14 @@ class Scheduler:
         if running_here >= cfg.max_running_requests or budget[rank] <= 0:
             return False
         cache = self.caches[rank]
-        need = self.lifetime_slots(len(req.prompt), req.params.max_tokens) - match.length
         uncached = len(req.prompt) - match.length
+        if cfg.admission == "lifetime":
+            need = self.lifetime_slots(len(req.prompt), req.params.max_tokens) - match.length
+            reserve = need - uncached
+        else:  # what it holds now, its expected growth, and a page of slack per running request
+            need = (self._pages(len(req.prompt)) - match.length + self.expected_growth(req)
+                    + self.estimated_growth(rank) + cfg.page_size * (running_here + 1) + cfg.headroom_tokens)
+            reserve = 0
         cache.lock(match.handle)
         free = cache.available_slots + cache.evictable_tokens - self.reserved[rank]
         if free < need:
@@ -192,8 +310,12 @@ class Scheduler:
             return False
         req.rank, req.handle = rank, match.handle
         req.slots = torch.cat([match.slots, own])
-        req.cached_tokens = req.computed = match.length
-        req.reserved = need - uncached
+        if req.retractions:
+            self.admission_stats.recomputed_tokens += uncached
+        else:  # usage reports the first admission's hit; later hits are our own retracted KV
+            req.cached_tokens = match.length
+        req.computed = match.length
+        req.reserved = reserve
         self.reserved[rank] += req.reserved
         req.status = Status.RUNNING
         req.admitted_at = time.monotonic()
@@ -217,7 +339,7 @@ class Scheduler:
     def _alloc(self, req: Request, n: int) -> list[int]:
         cache = self.caches[req.rank]
         new = cache.alloc_for(req.slots, n)
-        if new is None:  # admission reserved this; reaching here is a bookkeeping bug
+        if new is None:  # admission reserved / _make_room_for_decode freed this: a bookkeeping bug
             raise RuntimeError(f"KV reservation violated for {req.request_id} on rank {req.rank}")
         self.reserved[req.rank] -= n
         req.reserved -= n
@@ -270,3 +392,8 @@ class Scheduler:
 
     def kv_total(self) -> int:
         return sum(c.total_slots for c in self.caches)
+
+    def kv_reserved(self) -> int:
+        """KV slots admission counts as spoken for beyond what is held: lifetime reservations, or
+        the estimated growth of running requests under admission by use."""
+        return sum(self.reserved) + (self.estimated_growth() if self.config.admission == "use" else 0)

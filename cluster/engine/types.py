@@ -67,6 +67,10 @@ class LoadInfo:
     cache_hit_rate: float = 0.0  # cached prompt tokens / prompt tokens, over the replica's life
     prompt_tokens_total: int = 0
     cached_tokens_total: int = 0
+    kv_reserved_tokens: int = 0  # spoken for by admission beyond what is held (estimate or reservation)
+    retractions_total: int = 0  # running requests whose KV was taken back (they resumed later)
+    recomputed_tokens_total: int = 0  # tokens prefilled again after retractions
+    admission: str = ""  # "use" | "lifetime"
 
     @property
     def kv_usage(self) -> float:
