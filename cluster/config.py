@@ -83,6 +83,12 @@ class GenerateSpec(_Section):
     fp8: bool = False
 
 
+class SamplingDefaults(_Section):
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+
+
 class ModelSection(_Section):
     checkpoint: Path = Field(strict=False)
     generate_if_missing: GenerateSpec | None = None
@@ -94,6 +100,9 @@ class ModelSection(_Section):
     # FP8 checkpoints: keep the e4m3 weights resident and dequantize per 128x128 block inside
     # the matmul (true), or dequantize to `dtype` at load (false: 2x the weight memory).
     keep_fp8: bool = True
+    # What an unset temperature / top_p / top_k means; unset keys fall back to the checkpoint's
+    # generation_config.json (R1: temperature 0.6, top_p 0.95), then to 1.0 / 1.0 / off.
+    sampling_defaults: "SamplingDefaults" = Field(default_factory=lambda: SamplingDefaults())
 
     @field_validator("checkpoint")
     @classmethod
@@ -149,9 +158,21 @@ class SchedulerSection(_Section):
     max_batch_tokens: int = Field(8192, ge=1)  # per-step token budget of a replica
     chunked_prefill_tokens: int = Field(2048, ge=1)
     max_waiting_requests: int = Field(256, ge=0)  # beyond this: RESOURCE_EXHAUSTED
+    # "use": admit by the KV requests hold plus an estimate of their growth, retract (and resume
+    # token-exact) when the pool runs short; "lifetime": reserve prompt + max_tokens up front.
+    admission: Literal["use", "lifetime"] = "use"
+    init_new_token_ratio: float = Field(0.7, ge=0.0, le=1.0)
+    min_new_token_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    ratio_decay_steps: int = Field(600, ge=1)
+    headroom_tokens: int = Field(0, ge=0)  # free KV per rank admission keeps beyond its estimate
+    # An unset max_tokens: the rest of the context, at most this (DeepSeek's R1 API allows 32k).
+    default_max_tokens: int = Field(32768, ge=1)
 
     @model_validator(mode="after")
     def _budgets(self) -> "SchedulerSection":
+        if self.min_new_token_ratio > self.init_new_token_ratio:
+            raise _field_error("min_new_token_ratio", f"must be <= init_new_token_ratio ({self.init_new_token_ratio}); "
+                               f"got {self.min_new_token_ratio}", self.min_new_token_ratio)
         if self.chunked_prefill_tokens > self.max_batch_tokens:
             raise _field_error(
                 "chunked_prefill_tokens",

@@ -19,6 +19,7 @@ from expertmesh.actors.step import StepOutput
 from expertmesh.actors.worker import WorkerSpec
 
 from .detokenizer import IncrementalDetokenizer
+from .generation_defaults import GenerationDefaults
 from .executor import Executor, GroupFailure, LocalExecutor, PlacementSpec, RayGroupExecutor
 from .request import Request, Status
 from .scheduler import Scheduler, SchedulerConfig
@@ -41,6 +42,10 @@ class EngineConfig:
     seed: int = 0
     progress: bool = False
     device: str = "cpu"  # "cuda" on GPU ranks (each rank actor sees its own GPU as cuda:0)
+    # What unset request fields mean: generation_config.json under these overrides
+    # (temperature / top_p / top_k), and the cap on an unset max_tokens.
+    sampling_overrides: dict = field(default_factory=dict)
+    default_max_tokens: int = 32768
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Engine:
         if self.model_config.n_routed_experts % config.ep_size:
             raise ValueError(f"ep_size={config.ep_size} must divide n_routed_experts={self.model_config.n_routed_experts}")
         self.kv_buffer_slots = Scheduler.buffer_slots_for(config.scheduler)
+        self.generation_defaults = GenerationDefaults.load(config.checkpoint, config.sampling_overrides)
         # The tokenizer and SGLang's radix cache take seconds to import; the rank actors take
         # seconds to start. Overlap them: the actors start while this thread loads the rest.
         with ThreadPoolExecutor(1, thread_name_prefix="engine-init") as pool:
@@ -86,6 +92,12 @@ class Engine:
         return WorkerSpec(checkpoint=str(self.config.checkpoint), dtype=self.config.dtype,
                           kv_slots=self.kv_buffer_slots, ep_rank=rank, ep_size=self.config.ep_size,
                           progress=self.config.progress, seed=self.config.seed, device=self.config.device)
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """Prompt + max_tokens one request may need: the context, or what one rank's pool holds alone."""
+        pool = self.scheduler.capacity_tokens() - self.config.scheduler.page_size  # lifetime_slots' slack page
+        return min(self.model_config.max_position_embeddings, pool)
 
     # -- requests -----------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:

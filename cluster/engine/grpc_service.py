@@ -19,7 +19,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from expertmesh.actors.sampling_params import InvalidRequestError
+from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
 from expertmesh.cluster.engine.types import EngineRequest, LoadInfo
 from expertmesh.cluster.wire import load_to_proto, output_to_proto, sampling_from_proto
 from expertmesh.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
@@ -47,7 +47,17 @@ def model_info_from_engine(engine: Any) -> generate_pb2.ModelInfo:
         num_experts_per_tok=cfg.num_experts_per_tok, n_shared_experts=cfg.n_shared_experts,
         dtype=_served_dtype(engine, cfg), reasoning_model="<think>" in template,
         eos_token_ids=[e for e in eos if e is not None],
+        **_defaults(getattr(engine, "engine", engine)),
     )
+
+
+def _defaults(inner: Any) -> dict[str, Any]:
+    """ModelInfo's defaults: what an unset field means on this replica."""
+    gd = getattr(inner, "generation_defaults", None)
+    if gd is None:
+        return {}
+    return dict(default_sampling=generate_pb2.SamplingParams(**gd.set_fields()),
+                default_max_tokens=inner.config.default_max_tokens, max_sequence_tokens=inner.max_sequence_tokens)
 
 
 # ---- servicer ---------------------------------------------------------------------------------
@@ -68,6 +78,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.max_waiting = max_waiting or _engine_max_waiting(engine)
         self.tokenizer_path = tokenizer_path
         self.draining = False
+        gd = getattr(getattr(engine, "engine", engine), "generation_defaults", None)
+        self.sampling_defaults = gd.apply(SamplingParams()) if gd is not None else None
 
     def _load(self) -> LoadInfo:
         load = self.engine.load()
@@ -87,7 +99,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         if refused:
             await context.abort(grpc.StatusCode.UNAVAILABLE, refused)
         try:
-            sampling = sampling_from_proto(request.sampling, prefix="sampling.")
+            sampling = sampling_from_proto(request.sampling, self.sampling_defaults, prefix="sampling.")
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not request.prompt_token_ids:

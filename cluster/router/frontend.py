@@ -41,6 +41,13 @@ class Frontend:
         # Largest request either API accepts: configured, else ~16 bytes per token of context
         # (with a 1 MiB floor), so a prompt that fits the model always fits the limit.
         self.max_request_bytes = max_request_bytes or max(1 << 20, 16 * model_info.max_context_length)
+        # What unset fields mean, as the replica reports them (generation_config.json + config)
+        self.sampling_defaults = SamplingParams()
+        if model_info.HasField("default_sampling"):
+            self.sampling_defaults = sampling_from_proto(model_info.default_sampling, SamplingParams())
+        self.default_max_tokens = model_info.default_max_tokens or None
+        self.max_sequence_tokens = min(model_info.max_sequence_tokens or model_info.max_context_length,
+                                       model_info.max_context_length)
         self.off_loop = OffLoop()
 
     def check_size(self, size: int) -> None:
@@ -54,6 +61,13 @@ class Frontend:
         size = request.ByteSize()
         self.check_size(size)
         return await self.off_loop.run(size, prepare, request)
+
+    def default_sampling_fields(self) -> dict[str, Any]:
+        """What unset fields mean here (for /v1/models): the replica's defaults."""
+        d = self.info.default_sampling
+        out: dict[str, Any] = {name: getattr(d, name) for name in ("temperature", "top_p", "top_k") if d.HasField(name)}
+        out["max_tokens"] = f"rest of the context, at most {self.default_max_tokens or self.max_sequence_tokens}"
+        return out
 
     # ---- pieces ------------------------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -80,8 +94,11 @@ class Frontend:
                                                   tokenize=False, add_generation_prompt=True)
 
     def check_prompt(self, ids: list[int], sampling: SamplingParams, max_tokens_given: bool,
-                     field: str, max_tokens_field: str = "sampling.max_tokens") -> None:
-        """Non-empty, in vocabulary, fits the context; an unset max_tokens shrinks to fit."""
+                     field: str, max_tokens_field: str = "sampling.max_tokens",
+                     unset_max_tokens: int | None = None) -> None:
+        """Non-empty, in vocabulary, fits the context. An unset max_tokens is the rest of the
+        context (and of what one rank's KV pool holds), at most `unset_max_tokens` or else the
+        replica's default_max_tokens: a reasoning model is not cut off mid-thought."""
         if not ids:
             raise RouterError.invalid(field, "must not be empty")
         vocab = self.info.vocab_size
@@ -97,12 +114,16 @@ class Frontend:
         ctx = self.info.max_context_length
         if len(ids) >= ctx:
             raise RouterError.invalid(field, f"{len(ids)} prompt tokens; the model's context is {ctx} tokens")
-        room = ctx - len(ids)
-        if sampling.max_tokens > room:
-            if max_tokens_given:
-                raise RouterError.invalid(max_tokens_field, f"{len(ids)} prompt tokens + max_tokens "
-                                          f"{sampling.max_tokens} exceed the model's context of {ctx} tokens")
-            sampling.max_tokens = room
+        if not max_tokens_given:
+            room = self.max_sequence_tokens - len(ids)
+            if room < 1:
+                raise RouterError.invalid(field, f"{len(ids)} prompt tokens leave no room to generate: a "
+                                          f"request may hold {self.max_sequence_tokens} tokens of KV")
+            cap = unset_max_tokens or self.default_max_tokens or room
+            sampling.max_tokens = min(room, cap)
+        elif len(ids) + sampling.max_tokens > ctx:
+            raise RouterError.invalid(max_tokens_field, f"{len(ids)} prompt tokens + max_tokens "
+                                      f"{sampling.max_tokens} exceed the model's context of {ctx} tokens")
 
     def starts_in_reasoning(self, ids: Sequence[int]) -> bool:
         tail = self.tokenizer.decode(list(ids[-4:]), skip_special_tokens=False)
@@ -111,7 +132,7 @@ class Frontend:
     # ---- whole requests ----------------------------------------------------------------------
     def _sampling(self, msg: generate_pb2.SamplingParams) -> SamplingParams:
         try:
-            return sampling_from_proto(msg, prefix="sampling.")
+            return sampling_from_proto(msg, self.sampling_defaults, prefix="sampling.")
         except InvalidRequestError as exc:
             raise RouterError.from_invalid_request(exc) from None
 

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any, AsyncIterator, Literal, Sequence
 
 import grpc
@@ -78,18 +79,17 @@ class CompletionRequest(_Base):
     echo: bool = False
 
 
-def _sampling(req: _Base, max_tokens: int | None, logprobs: int, default_max_tokens: int | None = None) -> tuple[SamplingParams, bool]:
+def _sampling(req: _Base, max_tokens: int | None, logprobs: int, defaults: SamplingParams) -> tuple[SamplingParams, bool]:
+    """The request's sampling fields over the served defaults; whether max_tokens was given."""
     for name in UNSUPPORTED:
         if (req.model_extra or {}).get(name) not in (None, [], {}):
             raise RouterError.invalid(name, "not supported by this server")
     if req.n != 1:
         raise RouterError.invalid("n", f"only n=1 is supported, got {req.n}")
-    sp = SamplingParams()
+    sp = replace(defaults, stop=[], stop_token_ids=[])
     given = max_tokens is not None
     if given:
         sp.max_tokens = max_tokens
-    elif default_max_tokens is not None:
-        sp.max_tokens, given = default_max_tokens, False
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty"):
         value = getattr(req, name)
@@ -237,7 +237,8 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": frontend.model_name, "object": "model", "created": created,
                                             "owned_by": "expertmesh",
-                                            "max_model_len": frontend.info.max_context_length}]}
+                                            "max_model_len": frontend.info.max_context_length,
+                                            "default_sampling": frontend.default_sampling_fields()}]}
 
     async def run(request: Request, prepared: PreparedRequest, stream: bool, kind: Literal["chat", "text"],
                   include_usage: bool, echo_prompt: str = "") -> Any:
@@ -329,7 +330,8 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
                 raise RouterError.invalid("top_logprobs", "needs logprobs: true")
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-            sp, given = _sampling(req, max_tokens, (req.top_logprobs or 1) if req.logprobs else 0)
+            sp, given = _sampling(req, max_tokens, (req.top_logprobs or 1) if req.logprobs else 0,
+                                  frontend.sampling_defaults)
             messages = [{"role": m.role, "content": _content_text(m.content, f"messages[{i}].content")}
                         for i, m in enumerate(req.messages)]
             size = sum(len(m["content"]) for m in messages)
@@ -349,7 +351,7 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
             frontend.check_model(req.model)
             if req.logprobs:
                 raise RouterError.invalid("logprobs", "not supported on /v1/completions; use chat")
-            sp, given = _sampling(req, req.max_tokens, 0, default_max_tokens=16)
+            sp, given = _sampling(req, req.max_tokens, 0, frontend.sampling_defaults)
             prompt = req.prompt
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
                 if len(prompt) != 1:
@@ -357,7 +359,8 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
                 prompt = prompt[0]
             ids = await frontend.off_loop.run(len(prompt), frontend.encode, prompt) if isinstance(prompt, str) \
                 else list(prompt)
-            frontend.check_prompt(ids, sp, given, "prompt", "max_tokens")
+            # OpenAI's legacy completions default to 16 tokens (so do vLLM's); chat gets the rest
+            frontend.check_prompt(ids, sp, given, "prompt", "max_tokens", unset_max_tokens=16)
         except RouterError as exc:
             return _error(exc, request.state.rid)
         echo = (prompt if isinstance(prompt, str) else frontend.tokenizer.decode(ids)) if req.echo else ""

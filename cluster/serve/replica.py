@@ -29,9 +29,14 @@ def engine_config_from(cfg: DeployConfig):
     s, kv = cfg.scheduler, cfg.kv_cache
     sched = SchedulerConfig(kv_tokens_per_rank=kv.tokens_per_rank, page_size=kv.page_size, prefix_cache=kv.prefix_cache,
                             max_running_requests=s.max_running_requests, max_batch_tokens=s.max_batch_tokens,
-                            chunked_prefill_tokens=s.chunked_prefill_tokens, max_waiting_requests=s.max_waiting_requests)
+                            chunked_prefill_tokens=s.chunked_prefill_tokens, max_waiting_requests=s.max_waiting_requests,
+                            admission=s.admission, init_new_token_ratio=s.init_new_token_ratio,
+                            min_new_token_ratio=s.min_new_token_ratio, ratio_decay_steps=s.ratio_decay_steps,
+                            headroom_tokens=s.headroom_tokens)
     return EngineConfig(str(cfg.model.checkpoint), dtype=cfg.model.dtype, ep_size=cfg.parallel.ep_size, scheduler=sched,
-                        device="cuda" if cfg.parallel.accelerator == "cuda" else "cpu")
+                        device="cuda" if cfg.parallel.accelerator == "cuda" else "cpu",
+                        sampling_overrides=cfg.model.sampling_defaults.model_dump(exclude_none=True),
+                        default_max_tokens=s.default_max_tokens)
 
 
 def placement_from(cfg: DeployConfig, placement_group=None, first_bundle: int = 1):

@@ -171,7 +171,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "architecture", "vocab_size", "max_context_length", "num_hidden_layers", "hidden_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "dtype", "reasoning_model", "eos_token_ids")
+    __slots__ = ("id", "architecture", "vocab_size", "max_context_length", "num_hidden_layers", "hidden_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "dtype", "reasoning_model", "eos_token_ids", "default_sampling", "default_max_tokens", "max_sequence_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,9 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     REASONING_MODEL_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: str
     architecture: str
     vocab_size: int
@@ -196,7 +199,10 @@ class ModelInfo(_message.Message):
     dtype: str
     reasoning_model: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_length: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., n_routed_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., n_shared_experts: _Optional[int] = ..., dtype: _Optional[str] = ..., reasoning_model: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    default_sampling: SamplingParams
+    default_max_tokens: int
+    max_sequence_tokens: int
+    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_length: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., n_routed_experts: _Optional[int] = ..., num_experts_per_tok: _Optional[int] = ..., n_shared_experts: _Optional[int] = ..., dtype: _Optional[str] = ..., reasoning_model: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., default_sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., default_max_tokens: _Optional[int] = ..., max_sequence_tokens: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
