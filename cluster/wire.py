@@ -80,4 +80,6 @@ def load_to_proto(load: LoadInfo, max_waiting: int = 0, healthy: bool = True) ->
         kv_used_tokens=load.kv_used_tokens, kv_total_tokens=load.kv_total_tokens, kv_usage=load.kv_usage,
         cache_hit_rate=load.cache_hit_rate, prompt_tokens_total=load.prompt_tokens_total,
         cached_tokens_total=load.cached_tokens_total, max_waiting=max_waiting,
+        kv_reserved_tokens=load.kv_reserved_tokens, retractions_total=load.retractions_total,
+        recomputed_tokens_total=load.recomputed_tokens_total, admission=load.admission,
     )

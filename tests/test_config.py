@@ -216,9 +216,9 @@ def test_grafana_dashboard_plots_every_metric():
     import json
     from pathlib import Path
 
-    from expertmesh.cluster.telemetry.metrics import METRIC_NAMES, ROUTER_METRIC_NAMES
+    from expertmesh.cluster.telemetry.metrics import METRIC_NAMES, RETRACTION_METRIC_NAMES, ROUTER_METRIC_NAMES
 
     dash = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
-    missing = [m for m in METRIC_NAMES + ROUTER_METRIC_NAMES if f"ray_{m}" not in exprs]
+    missing = [m for m in METRIC_NAMES + ROUTER_METRIC_NAMES + RETRACTION_METRIC_NAMES if f"ray_{m}" not in exprs]
     assert not missing, missing

@@ -231,7 +231,9 @@ def status(name: str = "expertmesh", address: str | None = None) -> dict[str, An
                 load = engine_pb2_grpc.EngineServiceStub(ch).GetLoad(engine_pb2.EngineLoadRequest(), timeout=5,
                                                                      metadata=credential)
             rec.update(running=load.running, waiting=load.waiting, kv_usage=round(load.kv_usage, 4),
-                       cache_hit_rate=round(load.cache_hit_rate, 4))
+                       cache_hit_rate=round(load.cache_hit_rate, 4), admission=load.admission,
+                       kv_reserved=round(load.kv_reserved_tokens / (load.kv_total_tokens or 1), 4),
+                       retractions=load.retractions_total, recomputed_tokens=load.recomputed_tokens_total)
         except grpc.RpcError as exc:
             rec["error"] = exc.code().name
         out["replicas"].append(rec)
@@ -318,6 +320,9 @@ def status_main(argv: list[str]) -> int:
     for r in st["replicas"]:
         print(f"  replica {r['replica_id']} @ {r['address']}: running={r.get('running')} waiting={r.get('waiting')} "
               f"kv={r.get('kv_usage')} hit_rate={r.get('cache_hit_rate')}")
+        if "admission" in r:
+            print(f"    admission by {r['admission']}: kv reserved beyond held={r['kv_reserved']} "
+                  f"retractions={r['retractions']} recomputed tokens={r['recomputed_tokens']}")
         for rank in r.get("ranks", []):
             print(f"    rank {rank['rank']} experts {rank['expert_range']} node {rank.get('node')} actor {rank.get('actor_name')}")
         if r.get("expert_load"):

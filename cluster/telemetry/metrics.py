@@ -24,7 +24,10 @@ METRIC_NAMES = (
     "expertmesh_cached_prompt_tokens_total", "expertmesh_queue_depth", "expertmesh_running_requests",
     "expertmesh_kv_usage_ratio", "expertmesh_prefix_cache_hit_ratio", "expertmesh_expert_tokens_total",
     "expertmesh_alltoall_seconds", "expertmesh_step_seconds",
+    "expertmesh_kv_reserved_ratio",
 )
+# Exported once the pool ran short and a request was retracted.
+RETRACTION_METRIC_NAMES = ("expertmesh_retractions_total", "expertmesh_recomputed_tokens_total")
 
 # Router-side: exported once a replica has failed under a request.
 ROUTER_METRIC_NAMES = ("expertmesh_recoveries_total", "expertmesh_resumed_requests_total",
@@ -85,6 +88,15 @@ class EngineMetrics:
                                     boundaries=STEP_BUCKETS, tag_keys=keys)
         self.step_time = m.Histogram("expertmesh_step_seconds", "Engine step time", boundaries=STEP_BUCKETS,
                                      tag_keys=keys)
+        self.kv_reserved = m.Gauge("expertmesh_kv_reserved_ratio",
+                                   "KV admission counts as spoken for beyond what is held (estimated growth "
+                                   "or lifetime reservations) / total", tag_keys=keys)
+        self.retractions = m.Counter("expertmesh_retractions_total",
+                                     "Running requests whose KV was taken back to make room (they resume)",
+                                     tag_keys=keys)
+        self.recomputed = m.Counter("expertmesh_recomputed_tokens_total",
+                                    "Tokens prefilled again after retractions", tag_keys=keys)
+        self._last_retractions = (0, 0)
         self._last_expert_load: list[list[int]] | None = None
 
     def set_gauges(self, load) -> None:
@@ -95,6 +107,15 @@ class EngineMetrics:
         self.running.set(load.running, tags=t)
         self.kv_usage.set(load.kv_usage, tags=t)
         self.hit_rate.set(load.cache_hit_rate, tags=t)
+        total = load.kv_total_tokens or 1
+        self.kv_reserved.set(load.kv_reserved_tokens / total, tags=t)
+        retracted, recomputed = load.retractions_total, load.recomputed_tokens_total
+        last_r, last_c = self._last_retractions
+        if retracted > last_r:
+            self.retractions.inc(retracted - last_r, tags=t)
+        if recomputed > last_c:
+            self.recomputed.inc(recomputed - last_c, tags=t)
+        self._last_retractions = (retracted, recomputed)
 
     def on_step(self, engine: "Engine", outputs: list[RequestOutput]) -> None:
         t = self.tags

@@ -209,7 +209,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaLoad(_message.Message):
-    __slots__ = ("replica_id", "address", "healthy", "running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage", "cache_hit_rate", "prompt_tokens_total", "cached_tokens_total", "max_waiting")
+    __slots__ = ("replica_id", "address", "healthy", "running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage", "cache_hit_rate", "prompt_tokens_total", "cached_tokens_total", "max_waiting", "kv_reserved_tokens", "retractions_total", "recomputed_tokens_total", "admission")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +222,10 @@ class ReplicaLoad(_message.Message):
     PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETRACTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     address: str
     healthy: bool
@@ -234,7 +238,11 @@ class ReplicaLoad(_message.Message):
     prompt_tokens_total: int
     cached_tokens_total: int
     max_waiting: int
-    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., max_waiting: _Optional[int] = ...) -> None: ...
+    kv_reserved_tokens: int
+    retractions_total: int
+    recomputed_tokens_total: int
+    admission: str
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_reserved_tokens: _Optional[int] = ..., retractions_total: _Optional[int] = ..., recomputed_tokens_total: _Optional[int] = ..., admission: _Optional[str] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
     __slots__ = ("replicas", "policy")
