@@ -157,3 +157,43 @@ def test_a_request_that_can_never_fit_is_refused_at_admission(tiny_ckpt):
         assert not e.has_work()
     finally:
         e.shutdown()
+
+
+def test_streams_through_the_router_survive_retraction(tiny_ckpt, reference):
+    """Real router, real replica, 8 concurrent streaming gRPC clients on a pool too small for their
+    outputs: every stream completes with its reference tokens, and GetLoad reports the retractions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from _router_env import LoopThread, start_replica, start_router
+    from expertmesh.cluster.engine.async_engine import AsyncEngine
+    from expertmesh.cluster.router.client import GenerationClient
+
+    prompts = _prompts(8)
+    ref, _, _ = _run(reference, [EngineRequest(f"s{i}", p, SamplingParams(max_tokens=150, temperature=0,
+                                                                          ignore_eos=True))
+                                 for i, p in enumerate(prompts)])
+    lt = LoopThread()
+    engine = AsyncEngine(_engine(tiny_ckpt, kv_tokens_per_rank=1024, init_new_token_ratio=0.05,
+                                 min_new_token_ratio=0.05))
+    replica = start_replica(lt, engine, tiny_ckpt, replica_id="a0")
+    router = start_router(lt, [f"a0={replica.address}"])
+    try:
+        def one(i: int) -> list[int]:
+            with GenerationClient(router.grpc_address) as c:
+                ids: list[int] = []
+                for d in c.generate(prompts[i], max_tokens=150, temperature=0, ignore_eos=True):
+                    ids += d.token_ids
+                return ids
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, range(8)))
+        assert got == [ref[f"s{i}"] for i in range(8)]
+        with GenerationClient(router.grpc_address) as c:
+            load = c.load().replicas[0]
+        assert load.retractions_total > 0 and load.admission == "use"
+        assert load.running == 0 and load.kv_used_tokens == 0
+    finally:
+        lt.run(router.stop(0))
+        lt.run(replica.stop(0))
+        engine.shutdown()
+        lt.close()

@@ -9,7 +9,7 @@ keeps it in a log file).
     python peer_worker.py llama --model FILE.gguf  --threads 2
 
 Requests:
-    {"op": "generate", "prompts": [[ids...], ...], "new_tokens": N, "shared_prefix": 0 | P}
+    {"op": "generate", "prompts": [[ids...], ...], "new_tokens": N | [N per prompt] (vLLM), "shared_prefix": 0 | P}
         greedy, EOS ignored (exactly N new tokens per prompt); with shared_prefix = P the first P
         tokens of every prompt are the same and the engine may share them: vLLM through its
         automatic prefix cache (cleared before every request, so only sharing within the request
@@ -65,7 +65,9 @@ class VllmPeer:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        sp = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        # new_tokens: one count for all, or one per prompt (a workload whose outputs end at different lengths)
+        counts = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
+        sp = [SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True) for n in counts]
         self.llm.reset_prefix_cache()  # cold start: no hits from an earlier request's identical prompts
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         t0 = time.perf_counter()
