@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from expertmesh.cluster.auth import BearerTokenInterceptor, server_credentials
 from expertmesh.cluster.router.config import RouterConfig
+from expertmesh.cluster.router.decoding import TolerantDecoding
 from expertmesh.cluster.router.dispatcher import Delta, Dispatcher
 from expertmesh.cluster.router.errors import RouterError
 from expertmesh.cluster.router.frontend import Frontend, PreparedRequest
@@ -42,14 +43,14 @@ PASSTHROUGH_METADATA = ("traceparent", "tracestate")
 
 
 def request_id_of(context: aio.ServicerContext) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The client's x-request-id (or a new one) and the metadata forwarded to the replica."""
+    """The client's x-request-id ("" when none) and the metadata forwarded to the replica."""
     rid, forward = "", []
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str):
-            rid = value[:128]
+            rid = value
         elif key in PASSTHROUGH_METADATA:
             forward.append((key, value))
-    return rid or uuid.uuid4().hex, tuple(forward)
+    return rid, tuple(forward)
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
@@ -67,6 +68,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
     async def _respond(self, prepare, request, context: aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
         rid, forward = request_id_of(context)
+        try:
+            self.frontend.limits.check_request_id(rid)
+        except RouterError as exc:  # not echoed back: the id is what is wrong
+            await context.abort(exc.code, exc.message)
+        rid = rid or uuid.uuid4().hex
         await context.send_initial_metadata((("x-request-id", rid),))
         model = self.frontend.model_name
         replica_id = ""
@@ -206,8 +212,9 @@ class RouterServer:
             if not tokenizer_path:
                 raise RuntimeError("tokenizer_path: not configured and the replica reports none")
             tokenizer = await asyncio.to_thread(load_tokenizer, tokenizer_path)
-            self.frontend = Frontend(tokenizer, info.model, cfg.max_request_bytes)
-        interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+            self.frontend = Frontend(tokenizer, info.model, cfg.limits(info.model.max_context_length))
+        interceptors: list[aio.ServerInterceptor] = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+        interceptors.append(TolerantDecoding(generate_pb2.DESCRIPTOR))  # inside auth: checked first
         # grpc's own cap well above ours: up to it, an oversized request gets our INVALID_ARGUMENT
         # naming the limit (grpc's RESOURCE_EXHAUSTED reads like "queue full", which clients retry)
         cap = 4 * self.frontend.max_request_bytes

@@ -1,0 +1,147 @@
+"""Requests that do not parse, refused as bad input naming the field, not as a server fault.
+
+grpcio parses each request with the method's `FromString` before any handler runs; proto3 `string`
+fields must hold UTF-8, so a client sending other bytes got UNKNOWN "DecodeError", which reads
+like our bug. `TolerantDecoding` swaps in a deserializer that, on a parse error, parses again with a
+twin of the message whose strings are `bytes` (a private descriptor pool, built once per server)
+to find the field at fault, and a handler that answers INVALID_ARGUMENT with that field's name.
+Nothing changes for requests that parse: the twin is touched only after an error.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError, Message
+from grpc import aio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What the deserializer hands the handler in place of a request that did not parse."""
+
+    field: str
+    message: str
+
+    @property
+    def details(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def _bad_utf8(msg: Message, strings: set[str], prefix: str = "") -> tuple[str, str] | None:
+    """(field path as the client names it, reason) of the first string field that is not UTF-8."""
+    for fd, value in msg.ListFields():
+        path = prefix + fd.name
+        items = list(enumerate(value)) if fd.is_repeated else [(None, value)]
+        for i, item in items:
+            where = path if i is None else f"{path}[{i}]"
+            if fd.message_type is not None:
+                found = _bad_utf8(item, strings, where + ".")
+                if found:
+                    return found
+            elif fd.full_name in strings:
+                try:
+                    item.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return where, f"must be UTF-8 text (invalid byte at offset {exc.start})"
+    return None
+
+
+class TolerantDecoding(aio.ServerInterceptor):
+    """Every method's request deserializer made tolerant: a request that does not parse is
+    refused with INVALID_ARGUMENT naming the field (or `request` when the bytes are not the
+    message at all)."""
+
+    def __init__(self, *files: Any) -> None:
+        """`files`: the generated modules' file descriptors whose messages the server receives."""
+        self._pool = descriptor_pool.DescriptorPool()
+        self._strings: set[str] = set()  # full names of the original string fields
+        added: set[str] = set()
+        for fd in files:
+            self._add(fd, added)
+        self._twins: dict[str, type[Message]] = {}
+
+    def _add(self, file: Any, added: set[str]) -> None:
+        if file.name in added:
+            return
+        for dep in file.dependencies:
+            self._add(dep, added)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+
+        def loosen(messages: Any, scope: str) -> None:
+            for m in messages:
+                for f in m.field:
+                    if f.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
+                        f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                        self._strings.add(f"{scope}{m.name}.{f.name}")
+                loosen(m.nested_type, f"{scope}{m.name}.")
+
+        loosen(proto.message_type, f"{proto.package}." if proto.package else "")
+        self._pool.Add(proto)
+        added.add(file.name)
+
+    def _twin(self, desc: Descriptor) -> type[Message]:
+        if desc.full_name not in self._twins:
+            self._twins[desc.full_name] = message_factory.GetMessageClass(self._pool.FindMessageTypeByName(desc.full_name))
+        return self._twins[desc.full_name]
+
+    def diagnose(self, cls: type[Message], data: bytes) -> Undecodable:
+        """Why `data` is not a `cls`, naming the field when one is at fault."""
+        try:
+            twin = self._twin(cls.DESCRIPTOR).FromString(data)
+        except (DecodeError, KeyError):
+            return Undecodable("request", f"not a valid {cls.DESCRIPTOR.full_name} protobuf message")
+        found = _bad_utf8(twin, self._strings)
+        if found is None:
+            return Undecodable("request", f"not a valid {cls.DESCRIPTOR.full_name} protobuf message")
+        return Undecodable(*found)
+
+    def deserializer(self, cls: type[Message]) -> Callable[[bytes], Any]:
+        def parse(data: bytes) -> Any:
+            try:
+                return cls.FromString(data)
+            except DecodeError:
+                try:
+                    return self.diagnose(cls, data)
+                except Exception:  # noqa: BLE001 - a diagnosis never turns bad input into a server fault
+                    log.exception("diagnosing an undecodable %s", cls.DESCRIPTOR.full_name)
+                    return Undecodable("request", f"not a valid {cls.DESCRIPTOR.full_name} protobuf message")
+        return parse
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        parse = getattr(handler, "request_deserializer", None) if handler is not None else None
+        cls = getattr(parse, "__self__", None)  # the generated code passes `Message.FromString`
+        if handler is None or handler.request_streaming or not isinstance(cls, type) or not issubclass(cls, Message):
+            return handler
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: aio.ServicerContext):
+                if isinstance(request, Undecodable):
+                    log.info("refused %s: %s", details.method, request.details)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return handler._replace(request_deserializer=self.deserializer(cls), unary_stream=stream)
+        inner_unary = handler.unary_unary
+
+        async def unary(request: Any, context: aio.ServicerContext):
+            if isinstance(request, Undecodable):
+                log.info("refused %s: %s", details.method, request.details)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            return await inner_unary(request, context)
+
+        return handler._replace(request_deserializer=self.deserializer(cls), unary_unary=unary)
