@@ -13,6 +13,8 @@ MAX_TEMPERATURE = 2.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound
+MAX_SEED = 2**63 - 1  # what a torch.Generator takes
 
 
 class InvalidRequestError(ValueError):
@@ -78,8 +80,8 @@ class SamplingParams:
             bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty!r}")
         if not (-2.0 <= self.frequency_penalty <= 2.0):
             bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            bad("seed", f"must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            bad("seed", f"must be an integer in [0, 2^63 - 1], got {self.seed!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -90,6 +92,6 @@ class SamplingParams:
             bad("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
-        if not isinstance(self.logprobs, int) or not (0 <= self.logprobs <= 20):
-            bad("logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
+        if not is_int(self.logprobs) or not (0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         return self

@@ -215,6 +215,12 @@ class RouterSection(_Section):
     balance_rel_threshold: float = Field(1.5, ge=1)
     tls: TLSSpec | None = None
     auth: AuthSpec | None = None
+    # Request limits (README "Security and ports"); unset: derived from the model's context length
+    max_request_bytes: int | None = Field(None, gt=0)
+    max_prompt_bytes: int | None = Field(None, gt=0)
+    max_prompt_tokens: int | None = Field(None, gt=0)
+    max_messages: int | None = Field(None, gt=0)
+    max_request_id_chars: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "RouterSection":

@@ -6,7 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from expertmesh.cluster.router.limits import Limits
 from expertmesh.cluster.router.policies import CacheAwareConfig
+
+LIMIT_KEYS = ("max_request_bytes", "max_prompt_bytes", "max_prompt_tokens", "max_messages", "max_request_id_chars")
 
 
 class CacheAwareSettings(BaseModel):
@@ -46,7 +49,16 @@ class RouterConfig(BaseModel):
     tls_client_ca_file: str | None = None  # set: clients need a certificate (mTLS)
     tokenizer_path: str | None = None  # None: the path the first replica reports
     startup_timeout_s: float = Field(60.0, gt=0)  # wait this long for a first replica
+    # Request limits (cluster/router/limits.py); None: derived from the model's context length
     max_request_bytes: int | None = Field(None, gt=0)  # None: 16 bytes per token of context, at least 1 MiB
+    max_prompt_bytes: int | None = Field(None, gt=0)  # prompt text before tokenizing; None: max_request_bytes
+    max_prompt_tokens: int | None = Field(None, gt=0)  # None (or more): the context length less one
+    max_messages: int | None = Field(None, gt=0)  # chat messages per request; None: 4096
+    max_request_id_chars: int | None = Field(None, gt=0)  # x-request-id; None: 128
+
+    def limits(self, context_length: int) -> Limits:
+        return Limits.resolve(context_length, self.max_request_bytes, self.max_prompt_bytes, self.max_prompt_tokens,
+                              self.max_messages, self.max_request_id_chars)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "RouterConfig":
@@ -73,6 +85,7 @@ class RouterConfig(BaseModel):
                                            balance_abs_threshold=section.balance_abs_threshold,
                                            balance_rel_threshold=section.balance_rel_threshold),
             tls_cert_file=str(tls.cert_file) if tls else None, tls_key_file=str(tls.key_file) if tls else None,
+            **{key: getattr(section, key, None) for key in LIMIT_KEYS},
         )
         values.update(overrides)
         return cls(**values)

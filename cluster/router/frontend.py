@@ -15,13 +15,13 @@ from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParam
 from expertmesh.cluster.wire import sampling_from_proto
 from expertmesh.cluster.router.reasoning import THINK_START
 from expertmesh.cluster.router.errors import RouterError
+from expertmesh.cluster.router.limits import Limits
 from expertmesh.cluster.router.offload import OffLoop
 from expertmesh.v1 import generate_pb2
 
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
-MAX_MESSAGES = 4096
 
 
 @dataclass
@@ -34,13 +34,13 @@ class PreparedRequest:
 
 
 class Frontend:
-    def __init__(self, tokenizer: Any, model_info: generate_pb2.ModelInfo, max_request_bytes: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, model_info: generate_pb2.ModelInfo, limits: Limits | None = None) -> None:
         self.tokenizer = tokenizer
         self.info = model_info
         self.model_name = model_info.id
-        # Largest request either API accepts: configured, else ~16 bytes per token of context
-        # (with a 1 MiB floor), so a prompt that fits the model always fits the limit.
-        self.max_request_bytes = max_request_bytes or max(1 << 20, 16 * model_info.max_context_length)
+        # What either API accepts: configured, else derived from the context (limits.py)
+        self.limits = limits or Limits.resolve(model_info.max_context_length)
+        self.max_request_bytes = self.limits.request_bytes
         # What unset fields mean, as the replica reports them (generation_config.json + config)
         self.sampling_defaults = SamplingParams()
         if model_info.HasField("default_sampling"):
@@ -51,10 +51,7 @@ class Frontend:
         self.off_loop = OffLoop()
 
     def check_size(self, size: int) -> None:
-        if size > self.max_request_bytes:
-            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"request: {size} bytes is over the limit of {self.max_request_bytes} bytes "
-                              "(router.max_request_bytes)", "request")
+        self.limits.check_request_bytes(size)
 
     async def prepare_async(self, prepare: Any, request: Any) -> PreparedRequest:
         """`prepare(request)` (templating, tokenizing, checks) in a worker thread, after the size check."""
@@ -75,19 +72,23 @@ class Frontend:
             raise RouterError(grpc.StatusCode.NOT_FOUND,
                               f"model: {model!r} is not served here; available: {self.model_name!r}", "model")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, field: str | None = None) -> list[int]:
+        """Token ids of `text`; with `field`, the text's size is checked first (what the client sent,
+        not a template around it), so an oversized prompt costs no tokenizing."""
+        if field is not None:
+            self.limits.check_prompt_bytes(len(text.encode("utf-8", "surrogatepass")), field)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def chat_prompt(self, messages: Sequence[dict[str, str]], field: str = "messages") -> str:
         if not messages:
             raise RouterError.invalid(field, "must contain at least one message")
-        if len(messages) > MAX_MESSAGES:
-            raise RouterError.invalid(field, f"at most {MAX_MESSAGES} messages")
+        self.limits.check_messages(len(messages), field)
         for i, m in enumerate(messages):
             if m.get("role") not in CHAT_ROLES:
                 raise RouterError.invalid(f"{field}[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
             if not isinstance(m.get("content"), str):
                 raise RouterError.invalid(f"{field}[{i}].content", "must be a string")
+        self.limits.check_prompt_bytes(sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages), field)
         if messages[-1]["role"] == "assistant":
             raise RouterError.invalid(f"{field}[{len(messages) - 1}].role", "the last message must not be the assistant's")
         return self.tokenizer.apply_chat_template([dict(role=m["role"], content=m["content"]) for m in messages],
@@ -101,6 +102,8 @@ class Frontend:
         replica's default_max_tokens: a reasoning model is not cut off mid-thought."""
         if not ids:
             raise RouterError.invalid(field, "must not be empty")
+        ctx = self.info.max_context_length
+        self.limits.check_prompt_tokens(len(ids), field, ctx)
         vocab = self.info.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -111,9 +114,6 @@ class Frontend:
         outside = next((t for t in sampling.stop_token_ids if t >= vocab), None)
         if outside is not None:
             raise RouterError.invalid(prefix + "stop_token_ids", f"token id {outside} is outside the vocabulary [0, {vocab})")
-        ctx = self.info.max_context_length
-        if len(ids) >= ctx:
-            raise RouterError.invalid(field, f"{len(ids)} prompt tokens; the model's context is {ctx} tokens")
         if not max_tokens_given:
             room = self.max_sequence_tokens - len(ids)
             if room < 1:
@@ -141,7 +141,7 @@ class Frontend:
         sampling = self._sampling(req.sampling)
         which = req.WhichOneof("prompt")
         if which == "text":
-            ids, field = self.encode(req.text), "text"
+            ids, field = self.encode(req.text, "text"), "text"
         elif which == "token_ids":
             ids, field = list(req.token_ids.ids), "token_ids"
         else:

@@ -79,7 +79,8 @@ class CompletionRequest(_Base):
     echo: bool = False
 
 
-def _sampling(req: _Base, max_tokens: int | None, logprobs: int, defaults: SamplingParams) -> tuple[SamplingParams, bool]:
+def _sampling(req: _Base, max_tokens: int | None, logprobs: int, defaults: SamplingParams,
+              logprobs_field: str = "logprobs") -> tuple[SamplingParams, bool]:
     """The request's sampling fields over the served defaults; whether max_tokens was given."""
     for name in UNSUPPORTED:
         if (req.model_extra or {}).get(name) not in (None, [], {}):
@@ -102,6 +103,8 @@ def _sampling(req: _Base, max_tokens: int | None, logprobs: int, defaults: Sampl
     try:
         sp.validate()
     except InvalidRequestError as exc:
+        if exc.field == "logprobs":  # the count is the client's top_logprobs on chat
+            raise RouterError.invalid(logprobs_field, str(exc).split(": ", 1)[-1]) from None
         raise RouterError.from_invalid_request(exc) from None
     return sp, given
 
@@ -199,11 +202,17 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
 
     @app.middleware("http")
     async def auth_and_request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.rid = rid[:128]
+        given = request.headers.get("x-request-id") or ""
+        request.state.rid = given[:frontend.limits.request_id_chars] or uuid.uuid4().hex
+        rid = request.state.rid
         if auth_token and request.url.path.startswith("/v1/"):
             if not token_matches(request.headers.get("authorization"), auth_token):
                 return _error(RouterError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"), rid)
+        try:
+            frontend.limits.check_request_id(given)
+        except RouterError as exc:  # not echoed back: the id is what is wrong
+            request.state.rid = uuid.uuid4().hex
+            return _error(exc, request.state.rid)
         response = await call_next(request)
         response.headers["x-request-id"] = request.state.rid
         return response
@@ -331,7 +340,8 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             sp, given = _sampling(req, max_tokens, (req.top_logprobs or 1) if req.logprobs else 0,
-                                  frontend.sampling_defaults)
+                                  frontend.sampling_defaults, "top_logprobs")
+            frontend.limits.check_messages(len(req.messages))
             messages = [{"role": m.role, "content": _content_text(m.content, f"messages[{i}].content")}
                         for i, m in enumerate(req.messages)]
             size = sum(len(m["content"]) for m in messages)
@@ -357,8 +367,8 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
                 if len(prompt) != 1:
                     raise RouterError.invalid("prompt", "only one prompt per request is supported")
                 prompt = prompt[0]
-            ids = await frontend.off_loop.run(len(prompt), frontend.encode, prompt) if isinstance(prompt, str) \
-                else list(prompt)
+            ids = await frontend.off_loop.run(len(prompt), frontend.encode, prompt, "prompt") \
+                if isinstance(prompt, str) else list(prompt)
             # OpenAI's legacy completions default to 16 tokens (so do vLLM's); chat gets the rest
             frontend.check_prompt(ids, sp, given, "prompt", "max_tokens", unset_max_tokens=16)
         except RouterError as exc:
