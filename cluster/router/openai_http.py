@@ -226,6 +226,9 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
             at = f" (at byte {offset})" if offset is not None else ""
             err = RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not valid JSON{at}")
             return _error(err, rid)
+        if tuple(first["loc"]) == ("body",):  # the body as a whole: empty, or not an object
+            what = "is empty" if first.get("type") == "missing" else "is not a JSON object"
+            return _error(RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"the request body {what}"), rid)
         return _error(RouterError.invalid(_field_path(first["loc"]), first["msg"]), rid)
 
     @app.exception_handler(StarletteHTTPException)
