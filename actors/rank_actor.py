@@ -47,17 +47,7 @@ class RankActor:
         """Joins the process group (blocks until every rank has joined) and loads this rank's weights.
         `init_method`: tcp://MASTER:PORT across machines; file://PATH when every rank shares this
         machine (no rendezvous socket at all: torch's TCPStore listens on every interface)."""
-        group = None
-        if self.spec.ep_size > 1:
-            backend = "nccl" if self.spec.device.startswith("cuda") else "gloo"
-            dist.init_process_group(
-                backend,
-                init_method=init_method,
-                rank=self.spec.ep_rank,
-                world_size=self.spec.ep_size,
-                timeout=timedelta(seconds=timeout_s),
-            )
-            group = dist.group.WORLD
+        group = self._init_group(init_method, timeout_s) if self.spec.ep_size > 1 else None
         self.worker = ModelWorker(self.spec, group)
         return {
             "rank": self.spec.ep_rank,
@@ -66,6 +56,32 @@ class RankActor:
             "routed_expert_params": self.worker.routed_expert_param_count(),
             "read_tensor_names": sorted(self.worker.read_tensor_names),
         }
+
+    def _init_group(self, init_method: str, timeout_s: float):
+        backend = "nccl" if self.spec.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=self.spec.ep_rank,
+                                world_size=self.spec.ep_size, timeout=timedelta(seconds=timeout_s))
+        return dist.group.WORLD
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def regroup(self, init_method: str, timeout_s: float) -> dict:
+        """A survivor joins the group re-formed around a replaced rank, keeping its weights and
+        its requests' KV (the engine resumes them from its radix cache). A replacement whose first
+        setup was cut short (another rank died meanwhile) sets up here instead."""
+        if self.worker is None:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return self.setup(init_method, timeout_s)
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # noqa: BLE001 - a group broken by a dead peer may not tear down cleanly
+                log.warning("rank %d: destroying the broken group: %r", self.spec.ep_rank, exc)
+        self.worker.set_group(self._init_group(init_method, timeout_s))
+        log.info("rank %d rejoined the re-formed group", self.spec.ep_rank)
+        return {"rank": self.spec.ep_rank, "pid": os.getpid()}
 
     def step(self, work: StepInput) -> StepOutput:
         assert self.worker is not None, "setup() first"

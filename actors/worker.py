@@ -79,6 +79,13 @@ class ModelWorker:
         self.slots: dict[str, torch.Tensor] = {}
         log.info("rank %d/%d ready: experts [%d, %d), %d KV slots", self.rank, spec.ep_size, *self.expert_range, spec.kv_slots)
 
+    def set_group(self, process_group) -> None:
+        """Use a re-formed process group (after a dead rank was replaced): weights, KV and the
+        per-request state stay as they are."""
+        for moe in self.model.moe_layers():
+            if hasattr(moe.routed, "group"):
+                moe.routed.group = process_group
+
     # -- what tests and the engine ask about --------------------------------------------------
     def routed_expert_param_count(self) -> int:
         return sum(m.experts.param_count for m in self.model.moe_layers())

@@ -127,6 +127,9 @@ class ParallelSection(_Section):
     # Ray accelerator type each rank needs (e.g. "A100": bundles ask for accelerator_type:A100).
     accelerator_type: str | None = Field(None, min_length=1)
     collective_timeout_s: float = Field(300.0, gt=0)
+    # A rank that dies is replaced in place and the group re-formed (the survivors keep weights and
+    # KV; running requests resume token-exact); false, or when that fails: the replica is replaced.
+    rebuild_in_place: bool = True
 
     @model_validator(mode="after")
     def _accelerator_matches_gpus(self) -> "ParallelSection":

@@ -82,4 +82,5 @@ def load_to_proto(load: LoadInfo, max_waiting: int = 0, healthy: bool = True) ->
         cached_tokens_total=load.cached_tokens_total, max_waiting=max_waiting,
         kv_reserved_tokens=load.kv_reserved_tokens, retractions_total=load.retractions_total,
         recomputed_tokens_total=load.recomputed_tokens_total, admission=load.admission,
+        group_state=load.group_state, group_rebuilds_total=load.group_rebuilds_total,
     )

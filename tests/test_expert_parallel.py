@@ -18,9 +18,10 @@ torch.set_num_threads(1)
 N = 12
 
 
-def ep_engine(ckpt, ep: int, placement: PlacementSpec | None = None, timeout: float = 60.0) -> Engine:
+def ep_engine(ckpt, ep: int, placement: PlacementSpec | None = None, timeout: float = 60.0,
+              rebuild_in_place: bool = True) -> Engine:
     sched = SchedulerConfig(kv_tokens_per_rank=1024, page_size=4)
-    return Engine(EngineConfig(str(ckpt), ep_size=ep, scheduler=sched),
+    return Engine(EngineConfig(str(ckpt), ep_size=ep, scheduler=sched, rebuild_in_place=rebuild_in_place),
                   placement=placement or PlacementSpec(cpus_per_rank=0.25), collective_timeout_s=timeout)
 
 
@@ -84,7 +85,8 @@ def test_ep_group_spans_two_nodes(ray_cluster, tiny_ckpt):
 
 
 def test_failing_rank_fails_the_step_with_its_name(ray_cluster, tiny_ckpt):
-    engine = ep_engine(tiny_ckpt, 2, timeout=5.0)
+    """Without in-place rebuild (tests/test_rebuild.py has it), a failing rank fails the group."""
+    engine = ep_engine(tiny_ckpt, 2, timeout=5.0, rebuild_in_place=False)
     try:
         engine.run_to_completion(greedy_reqs(PROMPTS[:2], "w", 2))
         engine.executor.inject_fault(1, "boom")

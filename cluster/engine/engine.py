@@ -46,6 +46,9 @@ class EngineConfig:
     # (temperature / top_p / top_k), and the cap on an unset max_tokens.
     sampling_overrides: dict = field(default_factory=dict)
     default_max_tokens: int = 32768
+    # A rank that dies is replaced in place and the group re-formed (survivors keep weights and KV);
+    # off, or when that fails, the engine fails its requests and the replica is replaced whole.
+    rebuild_in_place: bool = True
 
 
 @dataclass
@@ -57,6 +60,7 @@ class StepStats:
     cached_tokens: int = 0
     last_step_s: float = 0.0
     last_alltoall_s: float = 0.0
+    rebuilds: int = 0  # in-place group rebuilds after a rank failure
     finished: dict[str, int] = field(default_factory=dict)  # finish_reason → count
 
 
@@ -149,7 +153,10 @@ class Engine:
         return self._delta(r)
 
     def failure(self) -> str | None:
-        """Why the rank group cannot step (a rank died or failed), or None."""
+        """Why the rank group cannot step (a rank died or failed and it was not rebuilt), or None;
+        None while it is being rebuilt in place (requests wait for it)."""
+        if self.rebuilding:
+            return None
         return getattr(self.executor, "failed", None) or None
 
     def has_work(self) -> bool:
@@ -165,7 +172,7 @@ class Engine:
             outputs = self.executor.step(step.inputs)
         except GroupFailure as exc:
             log.error("step failed: %s", exc)
-            return self._fail_all(str(exc))
+            return self._recover(step, str(exc))
         self.stats.last_step_s = time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.prefill_tokens += step.prefill_tokens
@@ -217,6 +224,28 @@ class Engine:
         self.requests.pop(r.request_id, None)
         self.stats.finished[r.finish_reason or "stop"] = self.stats.finished.get(r.finish_reason or "stop", 0) + 1
 
+    def _recover(self, failed, message: str) -> list[RequestOutput]:
+        """Rebuild the group in place and resume every running request from its tokens so far;
+        if the executor cannot, fail them (the replica then fails as a unit and is replaced)."""
+        rebuild = getattr(self.executor, "rebuild", None)
+        if rebuild is None or not self.config.rebuild_in_place:
+            return self._fail_all(message)
+        t0 = time.perf_counter()
+        try:
+            lost = rebuild()
+        except GroupFailure as exc:
+            log.error("in-place rebuild failed: %s", exc)
+            return self._fail_all(f"{message}; {exc}")
+        n = self.scheduler.requeue_after_failure(failed, lost)
+        self.stats.rebuilds += 1
+        log.warning("group rebuilt in %.1fs (rank(s) %s replaced); %d running request(s) resume",
+                    time.perf_counter() - t0, lost, n)
+        return []
+
+    @property
+    def rebuilding(self) -> bool:
+        return bool(getattr(self.executor, "rebuilding", False))
+
     def _fail_all(self, message: str) -> list[RequestOutput]:
         outs = []
         for r in list(self.scheduler.running.values()):
@@ -248,6 +277,8 @@ class Engine:
             retractions_total=self.scheduler.admission_stats.retractions,
             recomputed_tokens_total=self.scheduler.admission_stats.recomputed_tokens,
             admission=self.scheduler.config.admission,
+            group_state="rebuilding" if self.rebuilding else ("failed" if self.failure() else "ok"),
+            group_rebuilds_total=self.stats.rebuilds,
         )
 
     def kv_free_slots(self) -> int:

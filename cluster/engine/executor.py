@@ -2,8 +2,9 @@
 
 `LocalExecutor`: one in-process ModelWorker (ep_size 1; no Ray). `RayGroupExecutor`: one
 RankActor per rank, gang-scheduled in a placement group, joined in a torch.distributed group;
-one Ray call per rank per step, awaited together. A rank that raises fails the step with an
-error naming it; the others fall out of their collective after `collective_timeout_s`.
+one Ray call per rank per step, awaited together. A rank that raises or dies fails the step with
+an error naming it; `rebuild()` then replaces that rank's actor in place and re-forms the group
+with the survivors, who keep their weights and KV.
 """
 from __future__ import annotations
 
@@ -83,7 +84,6 @@ class RayGroupExecutor:
                  namespace: str = "expertmesh", collective_timeout_s: float = 60.0, step_timeout_s: float = 600.0):
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.ep_size = spec.ep_size
         self.group_name = group_name or f"group-{uuid.uuid4().hex[:8]}"
@@ -97,34 +97,118 @@ class RayGroupExecutor:
             log.info("placement group for %s ready in %.1fs", self.group_name, time.monotonic() - t0)
         else:
             self.pg = placement.placement_group
-        actor_cls = ray.remote(RankActor)
-        self.actors = []
-        for rank in range(spec.ep_size):
-            rank_spec = WorkerSpec(**{**spec.__dict__, "ep_rank": rank})
-            opts = dict(
-                name=f"expertmesh/{self.group_name}/rank-{rank}",
-                namespace=namespace,
-                num_cpus=placement.cpus_per_rank,
-                num_gpus=placement.gpus_per_rank,
-                resources=placement.custom_resources or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=placement.first_bundle + rank),
-                runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if placement.gpus_per_rank == 0 and _is_local() else None,
-            )
-            self.actors.append(actor_cls.options(**opts).remote(rank_spec))
+        self.spec, self.placement, self.namespace = spec, placement, namespace
+        self.collective_timeout_s = collective_timeout_s
+        self._local = placement.gpus_per_rank == 0 and _is_local()
+        self.generation = [0] * spec.ep_size  # how often each rank was replaced (names its actor)
+        self.failed: str | None = None
+        self._step_failures: tuple[list[int], list[int]] = ([], [])  # (died, raised) in the last failed step
+        self.rebuilding = False
+        self.rebuilds: list[dict] = []  # one record per in-place rebuild: ranks replaced, seconds
+        self.info: list[dict] = []
+        self.actors = [self._make_actor(rank) for rank in range(spec.ep_size)]
+        self.info = self._join([(a, "setup") for a in self.actors])
+        log.info("expert-parallel group %s: %d ranks on nodes %s", self.group_name, self.ep_size,
+                 sorted({i["node_id"] for i in self.info}))
+
+    def _actor_name(self, rank: int) -> str:
+        g = self.generation[rank]
+        return f"expertmesh/{self.group_name}/rank-{rank}" + (f".{g}" if g else "")
+
+    def _make_actor(self, rank: int):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        p = self.placement
+        opts = dict(
+            name=self._actor_name(rank), namespace=self.namespace, num_cpus=p.cpus_per_rank,
+            num_gpus=p.gpus_per_rank, resources=p.custom_resources or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=p.first_bundle + rank),
+            runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if self._local else None,
+        )
+        return ray.remote(RankActor).options(**opts).remote(WorkerSpec(**{**self.spec.__dict__, "ep_rank": rank}))
+
+    def _join(self, calls: list[tuple[object, str]]) -> list[dict]:
+        """Every rank joins a new process group: `setup` (a new actor, which loads its weights
+        too) or `regroup` (a survivor). Returns the ranks' info in rank order."""
+        import ray
+
         init_method = self._init_method()
         try:
-            self.info = ray.get([a.setup.remote(init_method, collective_timeout_s) for a in self.actors], timeout=600)
+            info = ray.get([getattr(a, m).remote(init_method, self.collective_timeout_s) for a, m in calls],
+                           timeout=600)
         finally:  # the rendezvous is over (gloo and NCCL connect their pairs at init): drop its file
             if init_method.startswith("file://"):
                 Path(init_method.removeprefix("file://")).unlink(missing_ok=True)
         nodes = ray.get([a.node_address.remote() for a in self.actors])
         node_ids = ray.get([a.node_id.remote() for a in self.actors])
-        for i, n, nid in zip(self.info, nodes, node_ids):
-            i["node"], i["node_id"] = n, nid
-            i["actor_name"] = f"expertmesh/{self.group_name}/rank-{i['rank']}"
-        self.failed: str | None = None
-        log.info("expert-parallel group %s: %d ranks on nodes %s", self.group_name, self.ep_size, sorted(set(node_ids)))
+        old = {i["rank"]: i for i in self.info}
+        return [{**old.get(rank, {}), **i, "node": n, "node_id": nid, "actor_name": self._actor_name(rank)}
+                for rank, (i, n, nid) in enumerate(zip(info, nodes, node_ids))]
+
+    def rebuild(self, attempts: int = 3) -> list[int]:
+        """Re-form the group in place after a failed step: replace the dead (or failing) rank
+        actors; the survivors rejoin with their weights and KV. Returns the replaced ranks.
+        Raises GroupFailure if it cannot (the replica then fails as a unit, as before)."""
+        t0 = time.monotonic()
+        self.rebuilding = True
+        replaced: set[int] = set()
+        try:
+            for attempt in range(1, attempts + 1):
+                dead = self._dead_ranks()
+                detect_s = time.monotonic() - t0
+                for rank in dead:
+                    self.generation[rank] += 1
+                    self.actors[rank] = self._make_actor(rank)
+                replaced |= set(dead)
+                try:
+                    self.info = self._join([(a, "setup" if r in dead else "regroup")
+                                            for r, a in enumerate(self.actors)])
+                    break
+                except Exception as exc:  # noqa: BLE001 - another rank died meanwhile: go again
+                    log.error("group %s: rebuild attempt %d failed: %s", self.group_name, attempt, _rank_error(exc))
+                    # a rank whose join was cut short is not reusable (torch.distributed keeps
+                    # per-process group state): the next attempt starts every rank afresh
+                    self._step_failures = (list(range(self.ep_size)), [])
+                    if attempt == attempts:
+                        raise GroupFailure(f"group {self.group_name}: rebuild failed: {_rank_error(exc)}") from exc
+            seconds = time.monotonic() - t0
+            self.rebuilds.append({"ranks": sorted(replaced), "seconds": round(seconds, 2), "attempts": attempt,
+                                  "detect_s": round(detect_s, 2), "cause": self.failed})
+            log.warning("group %s rebuilt in place in %.1fs: replaced rank(s) %s", self.group_name, seconds,
+                        sorted(replaced))
+            self.failed = None
+            return sorted(replaced)
+        finally:
+            self.rebuilding = False
+
+    def _dead_ranks(self) -> list[int]:
+        """The ranks to replace: those whose actor died in the step; if none died, those that
+        raised (their state after a partial step is not trusted; killing them also breaks the
+        others out of the collective they wait in). Every other rank must then answer a ping; one
+        that does not (within the collective timeout) is replaced too."""
+        import ray
+
+        died, raised = self._step_failures
+        self._step_failures = ([], [])
+        replace = sorted(died) if died else sorted(raised)
+        for rank in replace:
+            try:
+                ray.kill(self.actors[rank], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        refs = {r: self.actors[r].ping.remote() for r in range(self.ep_size) if r not in replace}
+        for rank, ref in refs.items():
+            try:
+                ray.get(ref, timeout=self.collective_timeout_s + 5)
+            except Exception:  # noqa: BLE001 - ActorDiedError, GetTimeoutError, ...
+                replace.append(rank)
+                try:
+                    ray.kill(self.actors[rank], no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+        return sorted(replace)
 
     def _init_method(self) -> str:
         """Rendezvous of the group: a file when every rank is on this machine's loopback (nothing
@@ -155,8 +239,28 @@ class RayGroupExecutor:
                 ray.get(done[0])
             except Exception as exc:  # the first failing rank names itself; the rest time out
                 self.failed = _rank_error(exc)
+                self._step_failures = self._classify(refs, done[0], exc)
                 raise GroupFailure(f"group {self.group_name}: {self.failed}") from exc
         return ray.get(refs)
+
+    @staticmethod
+    def _classify(refs, first, first_exc, grace_s: float = 1.0) -> tuple[list[int], list[int]]:
+        """(ranks whose actor died, ranks that raised) among a failed step's calls, waiting a
+        moment for the rest: a death usually reaches the survivors as a connection error too."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        results = {first: first_exc}
+        rest = [r for r in refs if r is not first]
+        done, _ = ray.wait(rest, num_returns=len(rest), timeout=grace_s) if rest else ([], [])
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001
+                results[ref] = exc
+        died = [rank for rank, ref in enumerate(refs) if isinstance(results.get(ref), RayActorError)]
+        raised = [rank for rank, ref in enumerate(refs) if results.get(ref) is not None and rank not in died]
+        return died, raised
 
     def inject_fault(self, rank: int, message: str = "injected fault") -> None:
         import ray

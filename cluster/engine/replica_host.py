@@ -59,6 +59,7 @@ class ReplicaHost:
                                    max_waiting=settings.max_waiting, tokenizer_path=str(engine.config.checkpoint))
         self.registry = registry  # a RegistryClient; None: made in start() for this app's registry
         self._last_expert_sample = 0.0
+        self._rebuilds_seen = 0
         self._t0 = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._left_registry = False
@@ -90,6 +91,13 @@ class ReplicaHost:
             self._left_registry = True
             log.error("replica %s: %s; leaving the registry", self.replica_id, engine.failure())
             asyncio.run_coroutine_threadsafe(self._leave_registry(), self._loop)
+        rebuilds = getattr(engine.executor, "rebuilds", [])
+        if self.registry is not None and len(rebuilds) != self._rebuilds_seen:
+            # the group was rebuilt in place: new rank actors (names, pids) for `status`
+            self._rebuilds_seen = len(rebuilds)
+            ranks = [{k: v for k, v in r.items() if k != "read_tensor_names"} for r in engine.executor.describe()]
+            self.registry.metadata["ranks"] = json.dumps(ranks)
+            self.registry.metadata["rebuilds"] = json.dumps(rebuilds[-5:])
         now = time.monotonic()
         if now - self._last_expert_sample > self.settings.expert_load_every_s:
             self._last_expert_sample = now

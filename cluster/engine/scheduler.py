@@ -226,10 +226,30 @@ class Scheduler:
         if total:
             self.new_token_ratio = max(self.new_token_ratio, min(1.0, (decoded + margin) / total))
 
-    def retract(self, req: Request, inp: StepInput) -> None:
+    def requeue_after_failure(self, failed: ScheduledStep, lost_ranks: list[int]) -> int:
+        """After a failed step and an in-place rebuild: every running request is retracted and
+        resumes from prompt + output (token-exact, as after a pool shortage). On a surviving rank
+        its KV stays in the radix cache, so it recomputes almost nothing; a replaced rank's cache
+        starts empty. The failed step's releases are sent again. Returns the requests requeued."""
+        for rank, inp in enumerate(failed.inputs):
+            self._released[rank] = inp.released + self._released[rank]
+        requeued = list(self.running.values())
+        for req in reversed(requeued):  # appendleft: keep their admission order at the queue's front
+            inp, rank = StepInput(), req.rank
+            self.retract(req, inp, pool_short=False)
+            self._released[rank] += inp.released
+        for rank in lost_ranks:
+            self.caches[rank] = PrefixCache(self.config.kv_tokens_per_rank, self.config.page_size,
+                                            self.config.prefix_cache)
+            self.reserved[rank] = 0
+            self._released[rank] = []
+            self._remaps[rank] = {}
+        return len(requeued)
+
+    def retract(self, req: Request, inp: StepInput, pool_short: bool = True) -> None:
         """Free a running request's KV (cached in the radix tree) and requeue it first, to resume
         from prompt + output so far: the rank's sampling state is rebuilt from those tokens."""
-        cache = self.caches[req.rank]
+        cache, rank = self.caches[req.rank], req.rank
         self.running.pop(req.request_id)
         self.reserved[req.rank] -= req.reserved
         req.reserved = 0
@@ -237,7 +257,8 @@ class Scheduler:
         if req.announced:
             inp.released.append(req.request_id)
             inp.remap.pop(req.request_id, None)
-        log.info("retracted %s from rank %d after %d tokens (pool short)", req.request_id, req.rank, len(req.output))
+        log.info("retracted %s from rank %d after %d tokens (%s)", req.request_id, rank, len(req.output),
+                 "pool short" if pool_short else "group rebuilt")
         req.prompt = req.prompt + req.output
         req.resumed += len(req.output)
         req.params = replace(req.params, max_tokens=req.params.max_tokens - len(req.output))
@@ -248,7 +269,8 @@ class Scheduler:
         req.retractions += 1
         req.status = Status.WAITING
         self.waiting.appendleft(req)
-        self.admission_stats.retractions += 1
+        if pool_short:
+            self.admission_stats.retractions += 1
 
     def _shares_a_prefill(self, req: Request) -> bool:
         """In-batch prefix sharing: a request whose prompt shares at least a page of not-yet-cached

@@ -71,6 +71,8 @@ class LoadInfo:
     retractions_total: int = 0  # running requests whose KV was taken back (they resumed later)
     recomputed_tokens_total: int = 0  # tokens prefilled again after retractions
     admission: str = ""  # "use" | "lifetime"
+    group_state: str = "ok"  # "ok" | "rebuilding" | "failed": the expert-parallel group
+    group_rebuilds_total: int = 0
 
     @property
     def kv_usage(self) -> float:

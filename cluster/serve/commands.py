@@ -223,7 +223,7 @@ def status(name: str = "expertmesh", address: str | None = None) -> dict[str, An
     for e in entries:
         rec: dict[str, Any] = {"replica_id": e["replica_id"], "address": e["address"]}
         meta = e.get("metadata") or {}
-        for key in ("ranks", "expert_load"):
+        for key in ("ranks", "expert_load", "rebuilds"):
             if key in meta:
                 rec[key] = json.loads(meta[key])
         try:
@@ -233,7 +233,8 @@ def status(name: str = "expertmesh", address: str | None = None) -> dict[str, An
             rec.update(running=load.running, waiting=load.waiting, kv_usage=round(load.kv_usage, 4),
                        cache_hit_rate=round(load.cache_hit_rate, 4), admission=load.admission,
                        kv_reserved=round(load.kv_reserved_tokens / (load.kv_total_tokens or 1), 4),
-                       retractions=load.retractions_total, recomputed_tokens=load.recomputed_tokens_total)
+                       retractions=load.retractions_total, recomputed_tokens=load.recomputed_tokens_total,
+                       group=load.group_state or "ok", group_rebuilds=load.group_rebuilds_total)
         except grpc.RpcError as exc:
             rec["error"] = exc.code().name
         out["replicas"].append(rec)
@@ -320,6 +321,10 @@ def status_main(argv: list[str]) -> int:
     for r in st["replicas"]:
         print(f"  replica {r['replica_id']} @ {r['address']}: running={r.get('running')} waiting={r.get('waiting')} "
               f"kv={r.get('kv_usage')} hit_rate={r.get('cache_hit_rate')}")
+        if "group" in r:
+            last = (r.get("rebuilds") or [{}])[-1]
+            print(f"    group {r['group']}: {r['group_rebuilds']} in-place rebuild(s)"
+                  + (f", last replaced rank(s) {last.get('ranks')} in {last.get('seconds')}s" if last else ""))
         if "admission" in r:
             print(f"    admission by {r['admission']}: kv reserved beyond held={r['kv_reserved']} "
                   f"retractions={r['retractions']} recomputed tokens={r['recomputed_tokens']}")

@@ -209,7 +209,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaLoad(_message.Message):
-    __slots__ = ("replica_id", "address", "healthy", "running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage", "cache_hit_rate", "prompt_tokens_total", "cached_tokens_total", "max_waiting", "kv_reserved_tokens", "retractions_total", "recomputed_tokens_total", "admission")
+    __slots__ = ("replica_id", "address", "healthy", "running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage", "cache_hit_rate", "prompt_tokens_total", "cached_tokens_total", "max_waiting", "kv_reserved_tokens", "retractions_total", "recomputed_tokens_total", "admission", "group_state", "group_rebuilds_total")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,8 @@ class ReplicaLoad(_message.Message):
     RETRACTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTED_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ADMISSION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_STATE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_REBUILDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     address: str
     healthy: bool
@@ -242,7 +244,9 @@ class ReplicaLoad(_message.Message):
     retractions_total: int
     recomputed_tokens_total: int
     admission: str
-    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_reserved_tokens: _Optional[int] = ..., retractions_total: _Optional[int] = ..., recomputed_tokens_total: _Optional[int] = ..., admission: _Optional[str] = ...) -> None: ...
+    group_state: str
+    group_rebuilds_total: int
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_reserved_tokens: _Optional[int] = ..., retractions_total: _Optional[int] = ..., recomputed_tokens_total: _Optional[int] = ..., admission: _Optional[str] = ..., group_state: _Optional[str] = ..., group_rebuilds_total: _Optional[int] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
     __slots__ = ("replicas", "policy")
