@@ -28,11 +28,24 @@ class SeqWork:
 
 
 @dataclass
+class PlacementUpdate:
+    """An expert-placement change riding on a step, the same on every rank (collectives pair up):
+    `stage` copies/receives the new slots of some MoE layers into a staging buffer while the old
+    ones keep serving; `commit` switches every staged layer at once, before this step's forward."""
+
+    version: int
+    stage: dict[int, list[int]] = field(default_factory=dict)  # MoE layer index → new slot_to_expert
+    commit: bool = False
+
+
+@dataclass
 class StepInput:
     new_requests: list[NewRequest] = field(default_factory=list)
     seqs: list[SeqWork] = field(default_factory=list)
     released: list[str] = field(default_factory=list)  # requests whose state the rank drops
     remap: dict[str, list[int]] = field(default_factory=dict)  # new slot lists (prefix deduplicated)
+    placement: PlacementUpdate | None = None  # expert weights to move before this step (EPLB)
+    report_load: bool = False  # return cumulative expert load in StepOutput.expert_load
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +71,7 @@ class StepTimings:
     experts: float = 0.0
     combine: float = 0.0
     sample: float = 0.0
+    eplb: float = 0.0  # staging / switching expert weights (a placement update)
 
 
 @dataclass
@@ -66,3 +80,7 @@ class StepOutput:
     sampled: list[SampledToken] = field(default_factory=list)
     timings: StepTimings = field(default_factory=StepTimings)
     error: str | None = None
+    # when asked (report_load): [MoE layer][expert] tokens routed from this rank's requests, and
+    # [MoE layer] (token, expert) rows this rank's slots computed; both cumulative
+    expert_load: list[list[int]] | None = None
+    computed_rows: list[int] | None = None

@@ -39,6 +39,10 @@ class WorkerSpec:
     # oneDNN-packed weights where they apply (CPU bf16): same outputs, faster. EXPERTMESH_PREPACK=0
     # turns it off (benchmarks build an unpacked engine beside a packed one with it).
     prepack: bool = field(default_factory=lambda: os.environ.get("EXPERTMESH_PREPACK", "1") != "0")
+    # Expert-parallel slots (EPLB): redundant copies beyond n_routed_experts, and the layout to load
+    # ([MoE layer][slot] → logical expert; None: the default, see actors/model/placement.py).
+    redundant_experts: int = 0
+    expert_placement: list[list[int]] | None = None
 
 
 def expert_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
@@ -57,18 +61,29 @@ class ModelWorker:
         self.device = torch.device(spec.device)
         reader = CheckpointReader(spec.checkpoint, progress=spec.progress)
         self.config: ModelConfig = reader.config
-        self.expert_range = expert_range(self.config.n_routed_experts, spec.ep_rank, spec.ep_size)
+        placements = self._placements(spec)
+        slot_experts = None
+        if placements is not None and not all(p.is_identity for p in placements):
+            moe_ids = [i for i in range(self.config.num_hidden_layers) if self.config.is_moe_layer(i)]
+            slot_experts = {i: p.rank_experts(spec.ep_rank) for i, p in zip(moe_ids, placements)}
+            self.expert_range = (0, 0)  # slots, not a range: see slot_experts
+        else:
+            self.expert_range = expert_range(self.config.n_routed_experts, spec.ep_rank, spec.ep_size)
         dtype = DTYPES[spec.dtype]
-        self.model: DeepseekV3Model = build_model(self.config, dtype, self.expert_range, self.device)
+        self.model: DeepseekV3Model = build_model(self.config, dtype, self.expert_range, self.device, slot_experts)
         self.model.load_weights(reader.iter_weights(dtype, expert_filter=self.model.wants_expert))
         self.read_tensor_names = set(reader.read_names)
         if spec.prepack:
             self.model.prepack()
+        self.mover = None
         if spec.ep_size > 1:
+            from .expert_mover import ExpertMover
             from .model.ep import ExpertParallelExperts
 
-            for moe in self.model.moe_layers():
-                moe.routed = ExpertParallelExperts(moe.experts, process_group, spec.ep_size, self.config.n_routed_experts)
+            for moe, placement in zip(self.model.moe_layers(), placements):
+                moe.routed = ExpertParallelExperts(moe.experts, process_group, spec.ep_size,
+                                                   self.config.n_routed_experts, placement, rank=spec.ep_rank)
+            self.mover = ExpertMover(self.model.moe_layers(), spec.ep_rank, spec.ep_size)
         self.profiler = StepProfiler()
         self.model.set_profiler(self.profiler)
         self.kv = MLAKVCache(self.config.num_hidden_layers, spec.kv_slots, self.config.kv_lora_rank,
@@ -85,6 +100,23 @@ class ModelWorker:
         for moe in self.model.moe_layers():
             if hasattr(moe.routed, "group"):
                 moe.routed.group = process_group
+
+    def _placements(self, spec: WorkerSpec):
+        """Expert slots per MoE layer under expert parallelism (None at ep_size 1, where every
+        expert is local and redundant copies would change nothing)."""
+        if spec.ep_size == 1:
+            if spec.redundant_experts:
+                log.info("redundant experts (%d) ignored at ep_size 1: every expert is local", spec.redundant_experts)
+            return None
+        from .model.placement import layer_placements
+
+        n_moe = sum(1 for i in range(self.config.num_hidden_layers) if self.config.is_moe_layer(i))
+        return layer_placements(n_moe, self.config.n_routed_experts, spec.redundant_experts, spec.ep_size,
+                                spec.expert_placement)
+
+    def slot_experts(self) -> list[list[int]]:
+        """[MoE layer] logical expert of each of this rank's slots."""
+        return [m.experts.slot_experts for m in self.model.moe_layers()]
 
     # -- what tests and the engine ask about --------------------------------------------------
     def routed_expert_param_count(self) -> int:
@@ -127,6 +159,9 @@ class ModelWorker:
             self.states[req.request_id] = SamplingState(req.sampling, list(req.prompt_token_ids[:split]),
                                                         list(req.prompt_token_ids[split:]))
             self.slots[req.request_id] = torch.tensor(req.prefix_slots, dtype=torch.long)
+        if work.placement is not None and self.mover is not None:
+            with self.profiler.span("eplb"):
+                self.mover.apply(work.placement)
         batch = self._batch(work)
         if batch.num_tokens:
             self._snapshot_load()  # before the step's tokens are counted: windows start at a step
@@ -143,6 +178,9 @@ class ModelWorker:
                 lp = result.logprobs[j] if result.logprobs else None
                 out.sampled.append(SampledToken(work.seqs[i].request_id, result.token_ids[j],
                                                 lp.logprob if lp else None, lp.top if lp else None))
+        if work.report_load:
+            out.expert_load = self._cumulative_load().tolist()
+            out.computed_rows = [getattr(m.routed, "computed", 0) for m in self.model.moe_layers()]
         out.timings = self.profiler.timings()
         out.timings.total = time.perf_counter() - t0
         return out

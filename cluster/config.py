@@ -140,6 +140,22 @@ class ParallelSection(_Section):
         return self
 
 
+class EplbSection(_Section):
+    """Online expert load balancing with redundant experts (expert parallelism only: a no-op at
+    ep_size 1). See cluster/engine/balancing.py."""
+
+    enabled: bool = False
+    # Physical expert slots beyond n_routed_experts per MoE layer; (n_routed_experts + R) must
+    # split evenly over ep_size ranks.
+    redundant_experts: int = Field(0, ge=0)
+    interval_steps: int = Field(3000, ge=1)  # rebalance at least this often (engine steps)
+    window_steps: int = Field(1000, ge=1)  # the expert load looked at: about the last this many steps
+    check_every_steps: int = Field(100, ge=1)  # how often the ranks' counts are read
+    balancedness_threshold: float = Field(0.0, ge=0, le=1)  # rebalance early below this (0: off)
+    layers_per_step: int = Field(1, ge=1)  # MoE layers whose weights move per step while staging
+    min_gain: float = Field(0.01, ge=-1, le=1)  # apply a new layout only if balancedness gains this
+
+
 class KVCacheSection(_Section):
     tokens_per_rank: int = Field(16384, ge=1)
     page_size: int = Field(16, ge=1)
@@ -287,6 +303,7 @@ class DeployConfig(_Section):
     name: str = "expertmesh"
     model: ModelSection
     parallel: ParallelSection = Field(default_factory=ParallelSection)
+    eplb: EplbSection = Field(default_factory=EplbSection)
     kv_cache: KVCacheSection = Field(default_factory=KVCacheSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     router: RouterSection = Field(default_factory=RouterSection)
@@ -461,6 +478,18 @@ def expected_routed_experts(cfg: DeployConfig) -> int | None:
 def validate_against_model(cfg: DeployConfig, n_routed_experts: int) -> None:
     """Refuse an ep_size that cannot split the model's routed experts evenly across ranks."""
     ep = cfg.parallel.ep_size
+    redundant = cfg.eplb.redundant_experts if cfg.eplb.enabled and ep > 1 else 0
+    if redundant:
+        slots = n_routed_experts + redundant
+        if slots % ep:
+            fits = [r for r in range(redundant, redundant + ep) if (n_routed_experts + r) % ep == 0]
+            raise ConfigError(
+                [("eplb.redundant_experts", cfg.line_of("eplb.redundant_experts"),
+                  f"{n_routed_experts} routed experts + {redundant} redundant = {slots} slots do not split over "
+                  f"ep_size {ep}; (n_routed_experts + redundant_experts) % ep_size must be 0, e.g. {fits[0]}")],
+                cfg._source,
+            )
+        return
     problem = None
     if ep > n_routed_experts:
         problem = f"{ep} is larger than the model's {n_routed_experts} routed experts"

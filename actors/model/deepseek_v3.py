@@ -22,11 +22,12 @@ from ..profiling import NULL_PROFILER, StepProfiler
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, expert_range: tuple[int, int]):
+    def __init__(self, config: ModelConfig, layer: int, expert_range: tuple[int, int],
+                 slot_experts: list[int] | None = None):
         super().__init__()
         self.self_attn = MLAttention(config, layer)
         if config.is_moe_layer(layer):
-            self.mlp: nn.Module = MoE(config, expert_range[0], expert_range[1] - expert_range[0])
+            self.mlp: nn.Module = MoE(config, expert_range[0], expert_range[1] - expert_range[0], slot_experts)
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -44,14 +45,19 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3Model(nn.Module):
-    """`expert_range` = [first, end) of the routed experts this process holds (all by default)."""
+    """`expert_range` = [first, end) of the routed experts this process holds (all by default);
+    `slot_experts` (decoder layer → logical expert per local slot), where given, overrides it for
+    expert-parallel placements with redundant experts (placement.py)."""
 
-    def __init__(self, config: ModelConfig, expert_range: tuple[int, int] | None = None):
+    def __init__(self, config: ModelConfig, expert_range: tuple[int, int] | None = None,
+                 slot_experts: dict[int, list[int]] | None = None):
         super().__init__()
         self.config = config
         self.expert_range = expert_range or (0, config.n_routed_experts)
+        self.slot_experts = slot_experts
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, self.expert_range) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.expert_range, (slot_experts or {}).get(i))
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
@@ -76,7 +82,14 @@ class DeepseekV3Model(nn.Module):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
     def wants_expert(self, layer: int, expert: int) -> bool:
+        if self.slot_experts is not None:
+            return expert in self.slot_experts.get(layer, ())
         return self.expert_range[0] <= expert < self.expert_range[1]
+
+    def _local_slots(self, layer: int, expert: int) -> list[int]:
+        if self.slot_experts is not None:
+            return [i for i, e in enumerate(self.slot_experts[layer]) if e == expert]
+        return [expert - self.expert_range[0]]
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
@@ -99,49 +112,52 @@ class DeepseekV3Model(nn.Module):
         filled: set[str] = set()
         with torch.no_grad():
             for name, tensor in weights:
-                target, index = self._map_name(name, params)
-                if target is None:
-                    continue
-                param = params[target]
-                dst = param[index] if index is not None else param
-                if dst.shape != tensor.shape:
-                    raise ValueError(f"{name}: expected shape {tuple(dst.shape)}, got {tuple(tensor.shape)}")
-                dst.copy_(tensor.to(param.dtype))
-                filled.add(target if index is None else f"{target}[{index}]")
+                for target, index in self._map_name(name, params):
+                    param = params[target]
+                    dst = param[index] if index is not None else param
+                    if dst.shape != tensor.shape:
+                        raise ValueError(f"{name}: expected shape {tuple(dst.shape)}, got {tuple(tensor.shape)}")
+                    dst.copy_(tensor.to(param.dtype))
+                    filled.add(target if index is None else f"{target}[{index}]")
         if self.config.tie_word_embeddings and "lm_head.weight" not in filled:
             self.lm_head.weight = self.embed_tokens.weight
             filled.add("lm_head.weight")
         return filled
 
-    def _map_name(self, name: str, params: dict):
-        """hub name → (our parameter name, index or None); (None, None) for tensors not ours."""
+    def _map_name(self, name: str, params: dict) -> list[tuple[str, object]]:
+        """hub name → [(our parameter name, index or None)]: several for an expert held in several
+        local slots, none for tensors not ours."""
         if name.startswith("model."):
             name = name[len("model."):]
         parts = name.split(".")
         if parts[0] == "layers" and int(parts[1]) >= self.config.num_hidden_layers:
-            return None, None  # MTP layer
+            return []  # MTP layer
         if len(parts) >= 6 and parts[2] == "mlp" and parts[3] == "experts":
             layer, expert, proj = int(parts[1]), int(parts[4]), parts[5]
             if not self.wants_expert(layer, expert):
-                return None, None
-            local = expert - self.expert_range[0]
+                return []
             inter = self.config.moe_intermediate_size
             base = f"layers.{layer}.mlp.experts"
-            if proj == "gate_proj":
-                return f"{base}.w13", (local, slice(0, inter))
-            if proj == "up_proj":
-                return f"{base}.w13", (local, slice(inter, 2 * inter))
-            return f"{base}.w2", local
+            out: list[tuple[str, object]] = []
+            for local in self._local_slots(layer, expert):
+                if proj == "gate_proj":
+                    out.append((f"{base}.w13", (local, slice(0, inter))))
+                elif proj == "up_proj":
+                    out.append((f"{base}.w13", (local, slice(inter, 2 * inter))))
+                else:
+                    out.append((f"{base}.w2", local))
+            return out
         if name in params:
-            return name, None
-        return None, None
+            return [(name, None)]
+        return []
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, expert_range: tuple[int, int] | None = None,
-                device: torch.device | str = "cpu") -> DeepseekV3Model:
+                device: torch.device | str = "cpu",
+                slot_experts: dict[int, list[int]] | None = None) -> DeepseekV3Model:
     """An empty model in `dtype`, the gate kept in fp32 as the reference keeps it."""
     with torch.device(device):
-        model = DeepseekV3Model(config, expert_range).to(dtype)
+        model = DeepseekV3Model(config, expert_range, slot_experts).to(dtype)
     for moe in model.moe_layers():
         moe.gate.float()
     model.rope.reset_frequencies()  # positions rotate in fp32, as the reference's do

@@ -23,11 +23,17 @@ class RoutedExperts(Protocol):
 
 
 class ExpertWeights(nn.Module):
-    """The stacked weights of a contiguous range of experts [first, first + count)."""
+    """The stacked weights of this process's expert slots: by default a contiguous range of experts
+    [first, first + count); under a placement (placement.py) `slot_experts[i]` is the logical expert
+    in local slot i (a redundant copy may repeat one)."""
 
-    def __init__(self, first: int, count: int, hidden: int, intermediate: int):
+    def __init__(self, first: int, count: int, hidden: int, intermediate: int,
+                 slot_experts: list[int] | None = None):
         super().__init__()
         self.first, self.count = first, count
+        self.slot_experts = list(slot_experts) if slot_experts is not None else list(range(first, first + count))
+        if len(self.slot_experts) != count:
+            raise ValueError(f"{count} slots but {len(self.slot_experts)} slot experts")
         self.hidden, self.intermediate = hidden, intermediate
         # gate rows then up rows, as the reference stacks them
         self.w13 = nn.Parameter(torch.empty(count, 2 * intermediate, hidden), requires_grad=False)
@@ -48,6 +54,36 @@ class ExpertWeights(nn.Module):
         self.w13 = nn.Parameter(self.w13.new_empty(0, 2 * self.intermediate, self.hidden), requires_grad=False)
         self.w2 = nn.Parameter(self.w2.new_empty(0, self.hidden, self.intermediate), requires_grad=False)
         return True
+
+    @property
+    def row_width(self) -> int:
+        """Elements of one slot's weights flattened (w13 then w2): the unit a weight move sends."""
+        return 3 * self.hidden * self.intermediate
+
+    def dense_slot(self, i: int) -> torch.Tensor:
+        """Local slot i's weights as one flat dense row (unpacked where they were prepacked:
+        oneDNN's reorder is a permutation, so to_dense gives back the very same values)."""
+        if self.packed is not None:
+            w13, w2 = self.packed[0][i].to_dense(), self.packed[1][i].to_dense()
+        else:
+            w13, w2 = self.w13[i], self.w2[i]
+        return torch.cat([w13.reshape(-1), w2.reshape(-1)])
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, slot_experts: list[int], hidden: int, intermediate: int,
+                  dtype: torch.dtype, pack: bool) -> "ExpertWeights":
+        """New slots from flat rows (`dense_slot`'s layout), packed again when the old ones were."""
+        n = len(slot_experts)
+        w = cls(0, n, hidden, intermediate, slot_experts)
+        split = 2 * intermediate * hidden
+        with torch.no_grad():
+            w.w13 = nn.Parameter(rows[:, :split].reshape(n, 2 * intermediate, hidden).to(dtype).contiguous(),
+                                 requires_grad=False)
+            w.w2 = nn.Parameter(rows[:, split:].reshape(n, hidden, intermediate).to(dtype).contiguous(),
+                                requires_grad=False)
+        if pack:
+            w.prepack()
+        return w
 
     def _ffn(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:

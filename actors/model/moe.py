@@ -32,11 +32,15 @@ class ExpertLoad:
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, first_expert: int = 0, num_local_experts: int | None = None):
+    def __init__(self, config: ModelConfig, first_expert: int = 0, num_local_experts: int | None = None,
+                 slot_experts: list[int] | None = None):
         super().__init__()
         count = config.n_routed_experts if num_local_experts is None else num_local_experts
+        if slot_experts is not None:
+            count = len(slot_experts)
         self.gate = NoAuxTCGate(config)
-        self.experts = ExpertWeights(first_expert, count, config.hidden_size, config.moe_intermediate_size)
+        self.experts = ExpertWeights(first_expert, count, config.hidden_size, config.moe_intermediate_size,
+                                     slot_experts)
         self.shared_experts = (
             DenseMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts

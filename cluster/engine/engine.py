@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from expertmesh.actors.model.config import ModelConfig
+from expertmesh.actors.model.placement import check_slots
 from expertmesh.actors.sampling_params import InvalidRequestError
 from expertmesh.actors.step import StepOutput
 from expertmesh.actors.worker import WorkerSpec
 
+from .balancing import EplbConfig, redundant_slots, with_balancer
 from .detokenizer import IncrementalDetokenizer
 from .generation_defaults import GenerationDefaults
 from .executor import Executor, GroupFailure, LocalExecutor, PlacementSpec, RayGroupExecutor
@@ -49,6 +51,7 @@ class EngineConfig:
     # A rank that dies is replaced in place and the group re-formed (survivors keep weights and KV);
     # off, or when that fails, the engine fails its requests and the replica is replaced whole.
     rebuild_in_place: bool = True
+    eplb: EplbConfig = field(default_factory=EplbConfig)  # expert load balancing (balancing.py)
 
 
 @dataclass
@@ -70,8 +73,9 @@ class Engine:
                  collective_timeout_s: float = 60.0):
         self.config = config
         self.model_config = ModelConfig.from_dir(config.checkpoint)
-        if self.model_config.n_routed_experts % config.ep_size:
+        if self.model_config.n_routed_experts % config.ep_size and not redundant_slots(config.eplb, config.ep_size):
             raise ValueError(f"ep_size={config.ep_size} must divide n_routed_experts={self.model_config.n_routed_experts}")
+        check_slots(self.model_config.n_routed_experts, redundant_slots(config.eplb, config.ep_size), config.ep_size)
         self.kv_buffer_slots = Scheduler.buffer_slots_for(config.scheduler)
         self.generation_defaults = GenerationDefaults.load(config.checkpoint, config.sampling_overrides)
         # The tokenizer and SGLang's radix cache take seconds to import; the rank actors take
@@ -87,7 +91,7 @@ class Engine:
                                                 collective_timeout_s=collective_timeout_s)
             self.tokenizer, self.scheduler = rest.result()
         assert self.scheduler.kv_buffer_slots == self.kv_buffer_slots
-        self.executor = executor
+        self.executor = with_balancer(executor, config.eplb, self.model_config, config.ep_size)
         self.requests: dict[str, Request] = {}
         self.stats = StepStats()
         self.model_name = Path(config.checkpoint).name
@@ -95,7 +99,8 @@ class Engine:
     def worker_spec(self, rank: int) -> WorkerSpec:
         return WorkerSpec(checkpoint=str(self.config.checkpoint), dtype=self.config.dtype,
                           kv_slots=self.kv_buffer_slots, ep_rank=rank, ep_size=self.config.ep_size,
-                          progress=self.config.progress, seed=self.config.seed, device=self.config.device)
+                          progress=self.config.progress, seed=self.config.seed, device=self.config.device,
+                          redundant_experts=redundant_slots(self.config.eplb, self.config.ep_size))
 
     @property
     def max_sequence_tokens(self) -> int:

@@ -23,6 +23,7 @@ DRAIN_TIMEOUT_S = 120.0
 
 
 def engine_config_from(cfg: DeployConfig):
+    from expertmesh.cluster.engine.balancing import EplbConfig
     from expertmesh.cluster.engine.engine import EngineConfig
     from expertmesh.cluster.engine.scheduler import SchedulerConfig
 
@@ -36,7 +37,8 @@ def engine_config_from(cfg: DeployConfig):
     return EngineConfig(str(cfg.model.checkpoint), dtype=cfg.model.dtype, ep_size=cfg.parallel.ep_size, scheduler=sched,
                         device="cuda" if cfg.parallel.accelerator == "cuda" else "cpu",
                         sampling_overrides=cfg.model.sampling_defaults.model_dump(exclude_none=True),
-                        default_max_tokens=s.default_max_tokens, rebuild_in_place=cfg.parallel.rebuild_in_place)
+                        default_max_tokens=s.default_max_tokens, rebuild_in_place=cfg.parallel.rebuild_in_place,
+                        eplb=EplbConfig(**cfg.eplb.model_dump()))
 
 
 def placement_from(cfg: DeployConfig, placement_group=None, first_bundle: int = 1):

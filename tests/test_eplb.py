@@ -1,0 +1,175 @@
+"""Issue 15: the expert load balancer as pure functions, the slot layout, the weight-move plan,
+and the balancer's schedule (no Ray, no process group)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from expertmesh.actors.expert_mover import source_rank, transfers
+from expertmesh.actors.model.experts import ExpertWeights
+from expertmesh.actors.model.placement import LayerPlacement, PlacementError, check_slots, layer_placements
+from expertmesh.actors.step import StepOutput
+from expertmesh.cluster.engine import eplb
+from expertmesh.cluster.engine.balancing import EplbConfig, ExpertBalancer, nodes_of
+
+
+def test_balanced_packing_equal_counts_and_greedy_order():
+    w = [9, 1, 8, 2, 7, 3, 6, 4]
+    pack = eplb.balanced_packing(w, 2)
+    assert sorted(pack.count(p) for p in range(2)) == [4, 4]
+    loads = [sum(x for x, p in zip(w, pack) if p == q) for q in range(2)]
+    assert loads == [20, 20]
+    with pytest.raises(ValueError):
+        eplb.balanced_packing([1, 2, 3], 2)
+
+
+def test_replicate_gives_slots_to_the_heaviest_per_copy():
+    slots, copies = eplb.replicate([10, 1, 6, 1], 7)
+    assert slots[:4] == [0, 1, 2, 3]
+    assert copies == [3, 1, 2, 1]  # 10 → 5 → (6) → 3.33: expert 0 twice, expert 2 once
+    assert sorted(slots[4:]) == [0, 0, 2]
+
+
+def test_place_layer_skewed_load_reaches_balance_with_redundancy():
+    load = [100, 100, 100, 40] + [5] * 12  # three hot experts, as the skewed checkpoint routes
+    flat = eplb.split_ranks(list(range(16)), 4)
+    assert eplb.balancedness(load, flat) == pytest.approx((400 / 4) / 340)
+    r0 = eplb.place_layer(load, 16, 4)
+    r4 = eplb.place_layer(load, 20, 4)
+    assert all(len(r) == 5 for r in r4) and [e for r in r4 for e in r].count(0) >= 2
+    assert eplb.balancedness(load, r0) == pytest.approx(100 / 115)  # packing alone: the hot experts still weigh
+    assert eplb.balancedness(load, r4) >= 0.95
+    assert {e for r in r4 for e in r} == set(range(16))  # every expert keeps a slot
+
+
+def test_hierarchical_keeps_groups_within_nodes():
+    rng = random.Random(1)
+    load = [rng.randint(1, 50) for _ in range(32)]
+    ranks = eplb.place_layer(load, 40, 8, num_nodes=2, num_groups=8)
+    assert [len(r) for r in ranks] == [5] * 8
+    node_of_expert = {}
+    for rank, experts in enumerate(ranks):
+        for e in experts:
+            node_of_expert.setdefault(e // 4, set()).add(rank // 4)  # group of 4 experts
+    assert all(len(nodes) == 1 for nodes in node_of_expert.values())  # a group lives on one node
+    assert eplb.balancedness(load, ranks) > 0.85
+    # groups that do not split over the nodes: falls back to one global placement
+    flat = eplb.place_layer(load, 40, 8, num_nodes=3, num_groups=8)
+    assert flat == eplb.place_layer(load, 40, 8)
+
+
+def test_keep_in_place_renumbers_ranks_to_move_less():
+    old = [[0, 1], [2, 3], [4, 5]]
+    new = [[4, 5], [0, 7], [2, 3]]
+    assert eplb.keep_in_place(new, old) == [[0, 7], [2, 3], [4, 5]]
+
+
+def test_rebalance_keeps_layers_without_load_and_every_expert():
+    cur = [list(range(16)) + [0, 1, 2, 3]] * 2
+    loads = [[0] * 16, [50, 50, 50, 10] + [2] * 12]
+    out = eplb.rebalance(loads, cur, 4)
+    assert out[0] == cur[0]
+    assert len(out[1]) == 20 and set(out[1]) == set(range(16))
+
+
+def test_slot_rule_and_placement_checks():
+    check_slots(16, 4, 4)
+    with pytest.raises(PlacementError, match=r"use redundant experts = 2"):
+        check_slots(16, 1, 3)
+    with pytest.raises(PlacementError, match="no slot"):
+        LayerPlacement((0, 0, 1, 2), 2, 4)
+    p = layer_placements(2, 16, 0, 4)[0]
+    assert p.is_identity and p.rank_experts(1) == [4, 5, 6, 7]
+    q = layer_placements(1, 16, 4, 4)[0]
+    assert q.per_rank == 5 and q.copies()[:5] == [2, 2, 2, 2, 1]
+
+
+def test_move_plan_is_consistent_and_prefers_local_copies():
+    old = LayerPlacement(tuple(range(8)), 2, 8)
+    new = LayerPlacement((0, 0, 1, 2, 3, 4, 5, 6, 7, 0), 2, 8)  # rank 0: 0 0 1 2 3; rank 1: 4 5 6 7 0
+    assert source_rank(old, 0, 0) == 0 and source_rank(old, 0, 1) == 0
+    assert transfers(old, new, 0, 1) == [0]  # rank 1 needs expert 0 from rank 0
+    assert transfers(old, new, 1, 0) == []  # rank 0 already holds 0..3
+    assert transfers(old, new, 0, 0) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_slot_roundtrip_through_packing(dtype):
+    w = ExpertWeights(0, 3, 64, 32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        w.w13.copy_(torch.randn_like(w.w13))
+        w.w2.copy_(torch.randn_like(w.w2))
+    w13, w2 = w.w13.to(dtype), w.w2.to(dtype)
+    w = ExpertWeights(0, 3, 64, 32)
+    w.w13, w.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
+    rows = torch.stack([w.dense_slot(i) for i in range(3)])
+    packed = w.prepack()
+    assert torch.equal(torch.stack([w.dense_slot(i) for i in range(3)]), rows)  # unpacked == original
+    again = ExpertWeights.from_rows(rows[[2, 0]], [2, 0], 64, 32, dtype, pack=packed)
+    x = torch.randn(5, 64).to(dtype)
+    assert torch.equal(again.grouped_ffn(x, [5, 0]), w.grouped_ffn(torch.cat([torch.empty(0, 64, dtype=dtype), x]), [0, 0, 5]))
+
+
+def _outputs(load_per_rank, rows_per_rank):
+    return [StepOutput(rank=r, expert_load=load_per_rank[r], computed_rows=rows_per_rank[r])
+            for r in range(len(load_per_rank))]
+
+
+def test_balancer_schedule_stages_layer_by_layer_then_switches_once():
+    cfg = EplbConfig(enabled=True, redundant_experts=4, interval_steps=4, check_every_steps=2, window_steps=8)
+    b = ExpertBalancer(cfg, n_layers=2, n_experts=16, ep_size=4)
+    cum = [[0] * 16, [0] * 16]
+    seen = []
+    for step in range(12):
+        upd = b.next_update()
+        seen.append(None if upd is None else (sorted(upd.stage), upd.commit))
+        report = b.wants_load()
+        for layer in range(2):
+            for e, n in enumerate([40, 40, 40, 10] + [2] * 12):
+                cum[layer][e] += n
+        outs = _outputs([[row[:] for row in cum]] + [[[0] * 16] * 2] * 3, [[step, step]] * 4) if report else [StepOutput(rank=0)]
+        b.after_step(outs, upd)
+    staged = [s for s in seen if s]
+    assert staged[:2] == [([0], False), ([1], True)]  # one layer per step, switch on the last
+    assert b.stats.rebalances >= 1 and min(b.stats.balancedness_after) >= 0.95
+    assert min(b.stats.balancedness_before) < 0.9
+
+
+def test_nodes_of_counts_node_major_blocks():
+    assert nodes_of([{"node_id": "a"}, {"node_id": "a"}, {"node_id": "b"}, {"node_id": "b"}]) == 2
+    assert nodes_of([{"node_id": "a"}, {"node_id": "b"}, {"node_id": "a"}, {"node_id": "b"}]) == 1
+    assert nodes_of([{"node": "local"}]) == 1
+
+
+CONFIG = """\
+name: demo
+model:
+  checkpoint: ./ckpt/tiny
+  generate_if_missing: {preset: tiny, seed: 0}
+parallel:
+  ep_size: EP
+eplb:
+  enabled: true
+  redundant_experts: R
+  interval_steps: 50
+"""
+
+
+def test_config_section_and_the_slot_rule(tmp_path):
+    from expertmesh.cluster.config import ConfigError, load_config
+    from expertmesh.cluster.serve.replica import engine_config_from
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(CONFIG.replace("EP", "3").replace("R", "2"))  # 16 + 2 slots over 3 ranks
+    cfg = load_config(path)
+    assert cfg.eplb.redundant_experts == 2 and cfg.eplb.interval_steps == 50
+    eng = engine_config_from(cfg)
+    assert eng.eplb.enabled and eng.eplb.redundant_experts == 2 and eng.eplb.interval_steps == 50
+    path.write_text(CONFIG.replace("EP", "4").replace("R", "2"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.keys == ["eplb.redundant_experts"] and "e.g. 4" in str(info.value)
+    assert "cfg.yaml:9" in str(info.value)
