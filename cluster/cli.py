@@ -53,6 +53,8 @@ def _sampling(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from expertmesh.actors.sampling_params import InvalidRequestError
+    from expertmesh.actors.model.placement import PlacementError
+    from expertmesh.cluster.engine.balancing import EplbConfig
     from expertmesh.cluster.engine.engine import Engine, EngineConfig
     from expertmesh.cluster.engine.executor import PlacementSpec
     from expertmesh.cluster.engine.scheduler import SchedulerConfig
@@ -71,8 +73,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             prefix_cache=not args.no_prefix_cache)
     if args.device == "cuda" and placement is not None:
         placement.gpus_per_rank = 1
-    engine = Engine(EngineConfig(args.checkpoint, dtype=args.dtype, ep_size=args.ep_size, scheduler=sched,
-                                 progress=sys.stderr.isatty(), device=args.device), placement=placement)
+    eplb = EplbConfig(enabled=bool(args.eplb_interval or args.redundant_experts),
+                      redundant_experts=args.redundant_experts, interval_steps=args.eplb_interval or 3000,
+                      check_every_steps=min(100, args.eplb_interval or 100))
+    try:
+        engine = Engine(EngineConfig(args.checkpoint, dtype=args.dtype, ep_size=args.ep_size, scheduler=sched,
+                                     progress=sys.stderr.isatty(), device=args.device, eplb=eplb), placement=placement)
+    except PlacementError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         tok = engine.tokenizer
         prompts: list[tuple[str | None, list[int]]] = []
@@ -109,6 +118,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(json.dumps(record, ensure_ascii=False))
             else:
                 print(out.text)
+        if hasattr(engine.executor, "eplb_stats"):
+            log.info("expert load balancing: %s", json.dumps(engine.executor.eplb_stats()))
         return 0
     finally:
         engine.shutdown()
@@ -156,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-tokens", type=int, default=8192, help="KV slots per rank")
     g.add_argument("--page-size", type=int, default=16)
     g.add_argument("--no-prefix-cache", action="store_true")
+    g.add_argument("--redundant-experts", type=int, default=0, metavar="R",
+                   help="EPLB: R redundant expert slots per MoE layer ((experts + R) %% ep-size == 0)")
+    g.add_argument("--eplb-interval", type=int, default=0, metavar="STEPS",
+                   help="EPLB: rebalance the experts over the ranks every STEPS steps (0: with --redundant-experts, 3000)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt, in order")
     g.set_defaults(func=cmd_generate)
 

@@ -173,3 +173,33 @@ def test_config_section_and_the_slot_rule(tmp_path):
         load_config(path)
     assert info.value.keys == ["eplb.redundant_experts"] and "e.g. 4" in str(info.value)
     assert "cfg.yaml:9" in str(info.value)
+
+
+def test_grafana_plots_the_eplb_metrics():
+    import json
+    from pathlib import Path
+
+    from expertmesh.cluster.telemetry.metrics import EPLB_METRIC_NAMES
+
+    dash = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    assert not [m for m in EPLB_METRIC_NAMES if f"ray_{m}" not in exprs]
+
+
+def test_status_line_shows_the_balancer():
+    from expertmesh.cluster.serve.commands import eplb_line
+    from expertmesh.cluster.engine.balancing import EplbStats
+
+    s = EplbStats(redundant_slots=8, rebalances=3, last_duration_s=0.05, last_move_s=0.012, moved_experts=20,
+                  balancedness_before=[0.61, 0.57], balancedness_after=[0.99, 0.98], balancedness=[0.95, 0.93])
+    line = eplb_line(s.as_dict())
+    assert "8 redundant slots, 3 rebalance(s)" in line and "[0.61, 0.57] -> [0.99, 0.98]" in line
+    assert "[0.95, 0.93]" in line and "12.0 ms moving" in line
+
+
+def test_generate_flags():
+    from expertmesh.cluster.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--checkpoint", "c", "--prompt-ids", "1,2", "--ep-size", "4",
+                                      "--redundant-experts", "4", "--eplb-interval", "50"])
+    assert (args.redundant_experts, args.eplb_interval) == (4, 50)

@@ -112,6 +112,10 @@ def test_rebalance_under_streaming_load_drops_nothing(ray_cluster, tiny_skewed_c
         assert [r[1] for r in results] == ["length"] * len(prompts)
         assert all(r[2] is None for r in results)
         assert [r[0] for r in results] == ref
-        assert engine.executor.eplb_stats()["rebalances"] >= 2
+        stats = engine.executor.eplb_stats()
+        assert stats["rebalances"] >= 2
+        from expertmesh.cluster.telemetry.metrics import EngineMetrics
+
+        EngineMetrics("eplb-test", "tiny").record_eplb(stats)  # the gauges and histograms take these figures
     finally:
         aeng.shutdown()

@@ -106,6 +106,15 @@ class ReplicaHost:
                 self.metrics.record_expert_load(load)
             if self.registry is not None:  # for `expertmesh status`, on the next heartbeat
                 self.registry.metadata["expert_load"] = json.dumps(load)
+            eplb = getattr(engine.executor, "eplb_stats", None)
+            if eplb is not None:
+                stats = eplb()
+                if self.metrics is not None:
+                    self.metrics.record_eplb(stats)
+                if self.registry is not None:  # and the ranks' slots, which rebalances change
+                    self.registry.metadata["eplb"] = json.dumps(stats)
+                    self.registry.metadata["ranks"] = json.dumps(
+                        [{k: v for k, v in r.items() if k != "read_tensor_names"} for r in engine.executor.describe()])
 
     async def _leave_registry(self) -> None:
         try:
@@ -138,6 +147,7 @@ class ReplicaHost:
             "running": load.running, "waiting": load.waiting, "kv_used_tokens": load.kv_used_tokens,
             "kv_total_tokens": load.kv_total_tokens, "kv_usage": load.kv_usage, "cache_hit_rate": load.cache_hit_rate,
             "expert_load": expert_load,
+            **({"eplb": executor.eplb_stats()} if hasattr(executor, "eplb_stats") else {}),
         }
 
     async def drain_and_stop(self) -> None:

@@ -223,7 +223,7 @@ def status(name: str = "expertmesh", address: str | None = None) -> dict[str, An
     for e in entries:
         rec: dict[str, Any] = {"replica_id": e["replica_id"], "address": e["address"]}
         meta = e.get("metadata") or {}
-        for key in ("ranks", "expert_load", "rebuilds"):
+        for key in ("ranks", "expert_load", "rebuilds", "eplb"):
             if key in meta:
                 rec[key] = json.loads(meta[key])
         try:
@@ -301,6 +301,15 @@ def up_main(argv: list[str]) -> int:
     return 0
 
 
+def eplb_line(e: dict[str, Any]) -> str:
+    """One line of expert load balancing for `status`: slots, rebalances, balancedness per layer."""
+    fmt = lambda xs: "[" + ", ".join(f"{x:.2f}" for x in xs) + "]"  # noqa: E731
+    return (f"eplb: {e['redundant_slots']} redundant slots, {e['rebalances']} rebalance(s), last "
+            f"{e['last_duration_s'] * 1e3:.0f} ms ({e['last_move_s'] * 1e3:.1f} ms moving, {e['moved_experts']} "
+            f"copies); balancedness per layer {fmt(e['balancedness'])} (last rebalance "
+            f"{fmt(e['balancedness_before'])} -> {fmt(e['balancedness_after'])})")
+
+
 def status_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="expertmesh status")
     p.add_argument("--name", default="expertmesh")
@@ -329,7 +338,11 @@ def status_main(argv: list[str]) -> int:
             print(f"    admission by {r['admission']}: kv reserved beyond held={r['kv_reserved']} "
                   f"retractions={r['retractions']} recomputed tokens={r['recomputed_tokens']}")
         for rank in r.get("ranks", []):
-            print(f"    rank {rank['rank']} experts {rank['expert_range']} node {rank.get('node')} actor {rank.get('actor_name')}")
+            held = (f"slots (layer 0) {rank['slot_experts'][0]}" if rank.get("slot_experts")
+                    else f"experts {rank['expert_range']}")
+            print(f"    rank {rank['rank']} {held} node {rank.get('node')} actor {rank.get('actor_name')}")
+        if r.get("eplb"):
+            print("    " + eplb_line(r["eplb"]))
         if r.get("expert_load"):
             per_expert = [sum(col) for col in zip(*[row for rank in r["expert_load"] for row in rank])]
             print(f"    tokens per expert (all MoE layers): {per_expert}")

@@ -29,6 +29,11 @@ METRIC_NAMES = (
 # Exported once the pool ran short and a request was retracted.
 RETRACTION_METRIC_NAMES = ("expertmesh_retractions_total", "expertmesh_recomputed_tokens_total")
 
+# Exported by replicas with expert load balancing on (eplb.enabled, ep_size > 1).
+EPLB_METRIC_NAMES = ("expertmesh_eplb_balancedness", "expertmesh_eplb_rebalances_total",
+                     "expertmesh_eplb_rebalance_seconds", "expertmesh_eplb_move_seconds",
+                     "expertmesh_eplb_redundant_slots")
+
 # Router-side: exported once a replica has failed under a request.
 ROUTER_METRIC_NAMES = ("expertmesh_recoveries_total", "expertmesh_resumed_requests_total",
                        "expertmesh_recovery_seconds")
@@ -96,6 +101,21 @@ class EngineMetrics:
                                      tag_keys=keys)
         self.recomputed = m.Counter("expertmesh_recomputed_tokens_total",
                                     "Tokens prefilled again after retractions", tag_keys=keys)
+        self.eplb_balancedness = m.Gauge(
+            "expertmesh_eplb_balancedness", "Mean / max tokens per rank of each MoE layer: measured (rows the "
+            "ranks computed, last window), or the balancer's view before / after its last rebalance",
+            tag_keys=keys + ("layer", "phase"))
+        self.eplb_rebalances = m.Counter("expertmesh_eplb_rebalances_total", "Expert placements switched in",
+                                         tag_keys=keys)
+        self.eplb_duration = m.Histogram("expertmesh_eplb_rebalance_seconds",
+                                         "First staged step to switch-over of a rebalance (serving continues)",
+                                         boundaries=STEP_BUCKETS, tag_keys=keys)
+        self.eplb_move = m.Histogram("expertmesh_eplb_move_seconds",
+                                     "Step time the ranks spent moving expert weights, per rebalance",
+                                     boundaries=STEP_BUCKETS, tag_keys=keys)
+        self.eplb_slots = m.Gauge("expertmesh_eplb_redundant_slots", "Redundant expert slots (all MoE layers)",
+                                  tag_keys=keys)
+        self._last_rebalances = 0
         self._last_retractions = (0, 0)
         self._last_expert_load: list[list[int]] | None = None
 
@@ -144,6 +164,20 @@ class EngineMetrics:
                 self.itl.observe(o.metrics.mean_itl_s, tags=t)
             if o.metrics.e2e_s is not None:
                 self.e2e.observe(o.metrics.e2e_s, tags=t)
+
+    def record_eplb(self, stats: dict) -> None:
+        """The balancer's stats (EplbStats.as_dict): gauges, plus the rebalances since the last call."""
+        t = self.tags
+        self.eplb_slots.set(stats["redundant_slots"], tags=t)
+        for phase, key in (("measured", "balancedness"), ("before", "balancedness_before"),
+                           ("after", "balancedness_after")):
+            for layer, b in enumerate(stats[key]):
+                self.eplb_balancedness.set(b, tags={**t, "layer": str(layer), "phase": phase})
+        if stats["rebalances"] > self._last_rebalances:
+            self.eplb_rebalances.inc(stats["rebalances"] - self._last_rebalances, tags=t)
+            self.eplb_duration.observe(stats["last_duration_s"], tags=t)
+            self.eplb_move.observe(stats["last_move_s"], tags=t)
+            self._last_rebalances = stats["rebalances"]
 
     def record_expert_load(self, per_rank: list[list[list[int]]]) -> None:
         """Adds the tokens routed per (layer, expert) since the last call (cumulative counts in)."""
