@@ -2,11 +2,12 @@
 
 Runs inside a rank's step, before the forward, on the group's own process group (gloo on CPU,
 NCCL on GPU): no checkpoint re-read and no Ray object store. Staged: `stage` builds a layer's new
-slots in a buffer beside the serving ones (local copies where this rank already holds the expert,
-one `all_to_all_single` for the rest), so steps keep running on the old layout while layers are
-staged a few per step; `commit` swaps every staged layer at once, so the switch-over is one step.
-Which rank sends which expert is a pure function of the old and new layouts, so every rank
-computes the same sends and receives without talking about it.
+slots beside the serving ones (an expert this rank already holds is reused as is, packed or not;
+the rest arrive in one `all_to_all_single` as raw bytes, exact on gloo and NCCL alike), so steps
+keep running on the old layout while layers are staged a few per step; `commit` swaps every
+staged layer at once, so the switch-over is one step. Which rank sends which expert is a pure
+function of the old and new layouts, so every rank computes the same sends and receives without
+talking about it.
 """
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ from .model.placement import LayerPlacement
 from .step import PlacementUpdate
 
 log = logging.getLogger(__name__)
-
-_GLOO_WIRE_DTYPES = (torch.float32, torch.float64)
-
 
 def source_rank(old: LayerPlacement, expert: int, dest: int) -> int:
     """The rank that gives `dest` its copy of `expert`: itself if it has one, else one of the holders,
@@ -68,29 +66,27 @@ class ExpertMover:
         sends = [transfers(old, new, self.rank, d) for d in range(self.ep_size)]
         recvs = [transfers(old, new, s, self.rank) for s in range(self.ep_size)]
         anyone_moves = any(transfers(old, new, s, d) for s in range(self.ep_size) for d in range(self.ep_size))
-        dtype = weights.w13.dtype
-        gloo = dist.get_backend(routed.group) == "gloo"
-        wire = torch.float32 if gloo and dtype not in _GLOO_WIRE_DTYPES else dtype
         device = weights.w13.device
-        width = weights.row_width
+        dtype = weights.w13.dtype
+        width = weights.row_width * torch.empty((), dtype=dtype).element_size()  # bytes: exact on any backend
         old_mine = old.rank_experts(self.rank)
-        rows = torch.empty(len(mine), width, dtype=wire, device=device)
         received: dict[int, list[torch.Tensor]] = {}
         if anyone_moves:  # every rank computes the same answer: all join the collective or none do
-            send_list = [weights.dense_slot(old_mine.index(e)).to(wire) for d in range(self.ep_size) for e in sends[d]]
-            send = torch.stack(send_list) if send_list else torch.empty(0, width, dtype=wire, device=device)
-            recv = torch.empty(sum(map(len, recvs)), width, dtype=wire, device=device)
+            send_list = [weights.dense_slot(old_mine.index(e)).view(torch.uint8)
+                         for d in range(self.ep_size) for e in sends[d]]
+            send = torch.stack(send_list) if send_list else torch.empty(0, width, dtype=torch.uint8, device=device)
+            recv = torch.empty(sum(map(len, recvs)), width, dtype=torch.uint8, device=device)
             dist.all_to_all_single(recv, send, [len(r) for r in recvs], [len(s) for s in sends], group=routed.group)
-            self.sent_bytes += send.numel() * send.element_size()
+            self.sent_bytes += send.numel()
             start = 0
             for s in range(self.ep_size):
-                received[s] = list(recv[start:start + len(recvs[s])])
+                received[s] = [row.view(dtype) for row in recv[start:start + len(recvs[s])]]
                 start += len(recvs[s])
-        for j, e in enumerate(mine):
+        parts: list[int | torch.Tensor] = []
+        for e in mine:
             src = source_rank(old, e, self.rank)
-            rows[j] = weights.dense_slot(old_mine.index(e)).to(wire) if src == self.rank else received[src].pop(0)
-        staged = ExpertWeights.from_rows(rows, mine, weights.hidden, weights.intermediate, dtype,
-                                         pack=weights.packed is not None)
+            parts.append(old_mine.index(e) if src == self.rank else received[src].pop(0))
+        staged = ExpertWeights.assemble(weights, mine, parts)
         self.staged[layer] = (new, staged)
 
     def commit(self) -> None:

@@ -153,7 +153,7 @@ class EplbSection(_Section):
     check_every_steps: int = Field(100, ge=1)  # how often the ranks' counts are read
     balancedness_threshold: float = Field(0.0, ge=0, le=1)  # rebalance early below this (0: off)
     layers_per_step: int = Field(1, ge=1)  # MoE layers whose weights move per step while staging
-    min_gain: float = Field(0.01, ge=-1, le=1)  # apply a new layout only if balancedness gains this
+    min_gain: float = Field(0.05, ge=-1, le=1)  # apply a new layout only if balancedness gains this
 
 
 class KVCacheSection(_Section):

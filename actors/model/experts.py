@@ -70,20 +70,41 @@ class ExpertWeights(nn.Module):
         return torch.cat([w13.reshape(-1), w2.reshape(-1)])
 
     @classmethod
-    def from_rows(cls, rows: torch.Tensor, slot_experts: list[int], hidden: int, intermediate: int,
-                  dtype: torch.dtype, pack: bool) -> "ExpertWeights":
-        """New slots from flat rows (`dense_slot`'s layout), packed again when the old ones were."""
-        n = len(slot_experts)
-        w = cls(0, n, hidden, intermediate, slot_experts)
-        split = 2 * intermediate * hidden
+    def assemble(cls, old: "ExpertWeights", slot_experts: list[int],
+                 parts: list[int | torch.Tensor]) -> "ExpertWeights":
+        """New slots from `old`'s: parts[j] is an index into old's slots (kept as is, packed or not:
+        no copy) or a flat dense row (`dense_slot`'s layout, from another rank), packed here the
+        way old's are."""
+        h, inter = old.hidden, old.intermediate
+        new = cls(0, len(slot_experts), h, inter, slot_experts)
+        split = 2 * inter * h
+        dtype, device = old.w13.dtype, old.w13.device
+
+        def dense(row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            row = row.to(device=device, dtype=dtype)
+            return row[:split].reshape(2 * inter, h).contiguous(), row[split:].reshape(h, inter).contiguous()
+
         with torch.no_grad():
-            w.w13 = nn.Parameter(rows[:, :split].reshape(n, 2 * intermediate, hidden).to(dtype).contiguous(),
-                                 requires_grad=False)
-            w.w2 = nn.Parameter(rows[:, split:].reshape(n, hidden, intermediate).to(dtype).contiguous(),
-                                requires_grad=False)
-        if pack:
-            w.prepack()
-        return w
+            if old.packed is not None:
+                w13s, w2s = [], []
+                for part in parts:
+                    if isinstance(part, int):
+                        w13s.append(old.packed[0][part])
+                        w2s.append(old.packed[1][part])
+                    else:
+                        a, b = dense(part)
+                        w13s.append(pack_weight(a))
+                        w2s.append(pack_weight(b))
+                new.packed = (w13s, w2s)
+                new.w13 = nn.Parameter(old.w13.new_empty(0, 2 * inter, h), requires_grad=False)
+                new.w2 = nn.Parameter(old.w2.new_empty(0, h, inter), requires_grad=False)
+                return new
+            pairs = [(old.w13[part], old.w2[part]) if isinstance(part, int) else dense(part) for part in parts]
+            new.w13 = nn.Parameter(torch.stack([a for a, _ in pairs]) if pairs else old.w13.new_empty(0, 2 * inter, h),
+                                   requires_grad=False)
+            new.w2 = nn.Parameter(torch.stack([b for _, b in pairs]) if pairs else old.w2.new_empty(0, h, inter),
+                                  requires_grad=False)
+        return new
 
     def _ffn(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:

@@ -35,7 +35,9 @@ class EplbConfig:
     check_every_steps: int = 100  # read the ranks' counts this often (capped by interval_steps)
     balancedness_threshold: float = 0.0  # rebalance early when a layer drops below this (0: off)
     layers_per_step: int = 1  # MoE layers staged per step while a new layout moves in
-    min_gain: float = 0.01  # apply a new layout only if the worst layer's balancedness gains this
+    # apply a new layout only if the worst layer's balancedness gains this: a rebalance moves most
+    # copies (measured: 80-120 of 128 at ep 2-4), not worth it for a point or two
+    min_gain: float = 0.05
 
     @property
     def check_every(self) -> int:
@@ -93,12 +95,14 @@ class ExpertBalancer:
         return (self.steps + 1) % self.config.check_every == 0 or bool(nxt and nxt.commit)
 
     # -- what it reports after ----------------------------------------------------------------
-    def after_step(self, outputs: list[StepOutput], update: PlacementUpdate | None) -> None:
+    def after_step(self, outputs: list[StepOutput], update: PlacementUpdate | None,
+                   started: float | None = None) -> None:
+        """`started`: perf_counter() when this step was sent (the first staged step starts the clock)."""
         self.steps += 1
         if update is not None:
             self._plan.pop(0)
             if self._plan_started is None:
-                self._plan_started = time.perf_counter()
+                self._plan_started = started if started is not None else time.perf_counter()
             self._move_s += max(o.timings.eplb for o in outputs)
             if update.commit:
                 self._switched()
@@ -213,12 +217,13 @@ class BalancingExecutor:
         report = self.balancer.wants_load()
         for inp in inputs:
             inp.placement, inp.report_load = update, report
+        started = time.perf_counter()
         try:
             outputs = self.inner.step(inputs)
         except Exception:
             self.balancer.abort()
             raise
-        self.balancer.after_step(outputs, update)
+        self.balancer.after_step(outputs, update, started)
         if update is not None and update.commit and hasattr(self.inner, "spec"):
             # a rank replaced later (in-place rebuild) loads the layout that is live
             self.inner.spec = replace(self.inner.spec, expert_placement=[list(p) for p in self.balancer.placement])
