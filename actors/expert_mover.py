@@ -52,10 +52,10 @@ class ExpertMover:
         if update.version != self.version:  # a new plan: whatever an abandoned one staged goes
             self.staged.clear()
             self.version = update.version
+        if update.commit:  # first: a switch must not hinge on this step's collectives succeeding
+            self.commit()
         for layer in sorted(update.stage):
             self.stage(layer, update.stage[layer])
-        if update.commit:
-            self.commit()
 
     def stage(self, layer: int, slot_to_expert: list[int]) -> None:
         routed = self.moes[layer].routed

@@ -31,7 +31,8 @@ class SeqWork:
 class PlacementUpdate:
     """An expert-placement change riding on a step, the same on every rank (collectives pair up):
     `stage` copies/receives the new slots of some MoE layers into a staging buffer while the old
-    ones keep serving; `commit` switches every staged layer at once, before this step's forward."""
+    ones keep serving; `commit` switches every staged layer at once, at the start of the step
+    (before its forward and any collective of it)."""
 
     version: int
     stage: dict[int, list[int]] = field(default_factory=dict)  # MoE layer index → new slot_to_expert

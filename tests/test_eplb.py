@@ -137,7 +137,7 @@ def test_balancer_schedule_stages_layer_by_layer_then_switches_once():
         outs = _outputs([[row[:] for row in cum]] + [[[0] * 16] * 2] * 3, [[step, step]] * 4) if report else [StepOutput(rank=0)]
         b.after_step(outs, upd)
     staged = [s for s in seen if s]
-    assert staged[:2] == [([0], False), ([1], True)]  # one layer per step, switch on the last
+    assert staged[:3] == [([0], False), ([1], False), ([], True)]  # a layer per step, then the switch alone
     assert b.stats.rebalances >= 1 and min(b.stats.balancedness_after) >= 0.95
     assert min(b.stats.balancedness_before) < 0.9
 
@@ -207,3 +207,24 @@ def test_generate_flags():
     args = build_parser().parse_args(["generate", "--checkpoint", "c", "--prompt-ids", "1,2", "--ep-size", "4",
                                       "--redundant-experts", "4", "--eplb-interval", "50"])
     assert (args.redundant_experts, args.eplb_interval) == (4, 50)
+
+
+def test_a_failed_switch_step_counts_as_switched_a_failed_stage_step_abandons():
+    cfg = EplbConfig(enabled=True, redundant_experts=4, interval_steps=2, check_every_steps=2, window_steps=8)
+    load = [[[40, 40, 40, 10] + [2] * 12]]
+    for fail_on_commit in (True, False):
+        b = ExpertBalancer(cfg, n_layers=1, n_experts=16, ep_size=4)
+        b.after_step([StepOutput(rank=0)], None)
+        b.after_step(_outputs(load + [[[0] * 16]] * 3, [[0]] * 4), None)
+        stage = b.next_update()
+        assert stage is not None and not stage.commit
+        old = [list(p) for p in b.placement]
+        if fail_on_commit:
+            b.after_step([StepOutput(rank=0)], stage)
+            commit = b.next_update()
+            assert commit.commit and not commit.stage
+            b.failed_step(commit)
+            assert b.placement != old and b.stats.rebalances == 1
+        else:
+            b.failed_step(stage)
+            assert b.placement == old and b.next_update() is None and b.stats.rebalances == 0

@@ -119,3 +119,37 @@ def test_rebalance_under_streaming_load_drops_nothing(ray_cluster, tiny_skewed_c
         EngineMetrics("eplb-test", "tiny").record_eplb(stats)  # the gauges and histograms take these figures
     finally:
         aeng.shutdown()
+
+
+def test_a_rank_killed_mid_rebalancing_is_rebuilt_with_the_live_layout(ray_cluster, tiny_skewed_ckpt):
+    """kill -9 of a rank while layouts keep changing: the replacement loads the live layout, the
+    requests resume token-exact, and later rebalances move weights to and from the new rank."""
+    import os
+    import signal
+
+    import ray
+
+    engine = eplb_engine(tiny_skewed_ckpt, 2, 4)
+    try:
+        ref = hf_greedy(tiny_skewed_ckpt, PROMPTS, N)
+        assert run(engine, greedy_reqs(PROMPTS, "k")) == ref
+        before = engine.executor.eplb_stats()["rebalances"]
+        pid = ray.get(engine.executor.actors[1].ping.remote())
+        got = {r.request_id: [] for r in greedy_reqs(PROMPTS, "r")}
+        for r in greedy_reqs(PROMPTS, "r"):
+            engine.add_request(r)
+        killed = False
+        while engine.has_work():
+            nxt = engine.executor.balancer.next_update()
+            if not killed and nxt is not None and nxt.commit:  # the switch-over step is the tricky one
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+            for d in engine.step():
+                assert d.error is None, d.error
+                got[d.request_id] += d.token_ids
+        assert killed and engine.stats.rebuilds == 1
+        assert [got[f"r{i}"] for i in range(len(PROMPTS))] == ref
+        assert run(engine, greedy_reqs(PROMPTS, "q")) == ref
+        assert engine.executor.eplb_stats()["rebalances"] > before
+    finally:
+        engine.shutdown()

@@ -109,6 +109,16 @@ class ExpertBalancer:
         if outputs and outputs[0].expert_load is not None:
             self._observe(outputs)
 
+    def failed_step(self, update: PlacementUpdate | None) -> None:
+        """The group failed in a step carrying `update`. A failed switch-over step still switched every
+        rank that survived (the switch precedes the step's collectives) and replaced ranks load the
+        live layout, so it counts as done; a failed staging step abandons the plan."""
+        if update is not None and update.commit:
+            self._plan.pop(0)
+            self._switched()
+        else:
+            self.abort()
+
     def abort(self) -> None:
         """The group failed mid-plan: drop it (ranks discard what they staged at the next version)."""
         if self._plan:
@@ -174,8 +184,10 @@ class ExpertBalancer:
         self.stats.moved_experts = sum(self._moves(self.placement[i], target[i]) for i in changed)
         per = max(1, c.layers_per_step)
         chunks = [changed[i:i + per] for i in range(0, len(changed), per)]
+        # the switch rides alone on the step after the last staged one: it comes before any collective
+        # of that step, so if the step fails every surviving rank has switched (see BalancingExecutor)
         self._plan = [PlacementUpdate(v, {i: target[i] for i in chunk}) for chunk in chunks]
-        self._plan[-1].commit = True
+        self._plan.append(PlacementUpdate(v, {}, commit=True))
         self._target = target
 
     def _moves(self, old: list[int], new: list[int]) -> int:
@@ -221,13 +233,17 @@ class BalancingExecutor:
         try:
             outputs = self.inner.step(inputs)
         except Exception:
-            self.balancer.abort()
+            self.balancer.failed_step(update)
+            self._publish(update)
             raise
         self.balancer.after_step(outputs, update, started)
-        if update is not None and update.commit and hasattr(self.inner, "spec"):
-            # a rank replaced later (in-place rebuild) loads the layout that is live
-            self.inner.spec = replace(self.inner.spec, expert_placement=[list(p) for p in self.balancer.placement])
+        self._publish(update)
         return outputs
+
+    def _publish(self, update: PlacementUpdate | None) -> None:
+        """After a switch-over, a rank replaced later (in-place rebuild) loads the live layout."""
+        if update is not None and update.commit and hasattr(self.inner, "spec"):
+            self.inner.spec = replace(self.inner.spec, expert_placement=[list(p) for p in self.balancer.placement])
 
     def describe(self) -> list[dict]:
         info = self.inner.describe()
