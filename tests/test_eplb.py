@@ -228,3 +228,16 @@ def test_a_failed_switch_step_counts_as_switched_a_failed_stage_step_abandons():
         else:
             b.failed_step(stage)
             assert b.placement == old and b.next_update() is None and b.stats.rebalances == 0
+
+
+def test_eplb_is_a_no_op_at_ep_size_1():
+    from types import SimpleNamespace
+
+    from expertmesh.cluster.engine.balancing import redundant_slots, with_balancer
+
+    executor = object()
+    cfg = EplbConfig(enabled=True, redundant_experts=4)
+    model = SimpleNamespace(num_hidden_layers=3, is_moe_layer=lambda i: i > 0, n_routed_experts=16, n_group=4)
+    assert with_balancer(executor, cfg, model, 1) is executor and redundant_slots(cfg, 1) == 0
+    assert with_balancer(executor, EplbConfig(redundant_experts=4), model, 2) is executor  # off
+    assert redundant_slots(EplbConfig(redundant_experts=4), 2) == 0

@@ -246,10 +246,10 @@ class BalancingExecutor:
             self.inner.spec = replace(self.inner.spec, expert_placement=[list(p) for p in self.balancer.placement])
 
     def describe(self) -> list[dict]:
+        """The wrapped executor's rank info plus each rank's live slots ([MoE layer][slot] → expert)."""
         info = self.inner.describe()
         for d in info:
-            per = eplb.split_ranks
-            d["slot_experts"] = [per(p, self.ep_size)[d["rank"]] for p in self.balancer.placement]
+            d["slot_experts"] = [eplb.split_ranks(p, self.ep_size)[d["rank"]] for p in self.balancer.placement]
         return info
 
     def eplb_stats(self) -> dict[str, Any]:
