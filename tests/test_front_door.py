@@ -199,3 +199,32 @@ def test_undecodable_bodies_get_openai_errors(env, path, body, message, param):
     assert r.status_code == 400, r.text[:300]
     err = r.json()["error"]
     assert message in err["message"] and err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_a_full_replica_is_refused_at_the_router_until_a_slot_frees(tiny_ckpt):
+    """After a replica refuses for a full queue, new requests are refused by the router itself
+    (no tokenizing, no replica call) until one of its requests ends; then the next is served."""
+    from expertmesh.cluster.devtools.synthetic import SyntheticEngine
+
+    lt = LoopThread()
+    replica = start_replica(lt, SyntheticEngine(tiny_ckpt, token_interval_s=0.05, max_running=1), tiny_ckpt, "r0")
+    router = start_router(lt, [f"r0={replica.address}"], http_port=0)
+    try:
+        with GenerationClient(router.grpc_address, timeout=60) as c:
+            long = c.generate([0, 5, 6], max_tokens=20, ignore_eos=True)  # holds the only slot ~1 s
+            next(iter(long))
+            details = []
+            for _ in range(5):
+                with pytest.raises(grpc.RpcError) as err:
+                    c.complete([0, 5, 6], max_tokens=2)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                details.append(err.value.details())
+            assert "replica r0" in details[0] and all("retry later" in d for d in details[1:]), details
+            r = httpx.post(f"{router.http_address}/v1/completions", json={"prompt": [0, 5], "max_tokens": 2}, timeout=60)
+            assert r.status_code == 429 and "retry later" in r.json()["error"]["message"], r.text[:300]
+            assert sum(len(m.token_ids) for m in long) == 19  # the held stream ends: its slot is free
+            assert len(c.complete([0, 5, 6], max_tokens=2).token_ids) == 2
+    finally:
+        lt.run(router.stop(0))
+        lt.run(replica.stop(0))
+        lt.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -53,7 +53,7 @@ def _bad_utf8(msg: Message, strings: set[str], prefix: str = "") -> tuple[str, s
     return None
 
 
-class TolerantDecoding(aio.ServerInterceptor):
+class TolerantDecoding:
     """Every method's request deserializer made tolerant: a request that does not parse is
     refused with INVALID_ARGUMENT naming the field (or `request` when the bytes are not the
     message at all)."""
@@ -115,22 +115,18 @@ class TolerantDecoding(aio.ServerInterceptor):
                     return Undecodable("request", f"not a valid {cls.DESCRIPTOR.full_name} protobuf message")
         return parse
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        parse = getattr(handler, "request_deserializer", None) if handler is not None else None
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """`handler` with the tolerant deserializer, refusing what did not parse."""
+        parse = handler.request_deserializer
         cls = getattr(parse, "__self__", None)  # the generated code passes `Message.FromString`
-        if handler is None or handler.request_streaming or not isinstance(cls, type) or not issubclass(cls, Message):
+        if handler.request_streaming or not isinstance(cls, type) or not issubclass(cls, Message):
             return handler
         if handler.response_streaming:
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: aio.ServicerContext):
                 if isinstance(request, Undecodable):
-                    log.info("refused %s: %s", details.method, request.details)
+                    log.info("refused %s: %s", method, request.details)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
                 async for item in inner_stream(request, context):
                     yield item
@@ -140,8 +136,31 @@ class TolerantDecoding(aio.ServerInterceptor):
 
         async def unary(request: Any, context: aio.ServicerContext):
             if isinstance(request, Undecodable):
-                log.info("refused %s: %s", details.method, request.details)
+                log.info("refused %s: %s", method, request.details)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             return await inner_unary(request, context)
 
         return handler._replace(request_deserializer=self.deserializer(cls), unary_unary=unary)
+
+    def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: aio.Server) -> None:
+        """What the generated `add_XServicer_to_server(servicer, server)` does, with every handler
+        wrapped: resolved once here, not per call as an interceptor would be."""
+        captured = _Captured()
+        add_to_server(servicer, captured)
+        for service, handlers in captured.services.items():
+            wrapped = {name: self.wrap(h, f"/{service}/{name}") for name, h in handlers.items()}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+            server.add_registered_method_handlers(service, wrapped)
+
+
+class _Captured:
+    """Stands in for the server while generated code registers its handlers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers arrive through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.services[service] = dict(handlers)

@@ -79,6 +79,11 @@ class Dispatcher:
         # called with (seconds from the failure to the next replica's first message, tokens resumed)
         self.on_recovery: Callable[[float, int], None] | None = None
 
+    def check_admission(self) -> None:
+        """Refuse now, before any work, when every replica is known to be full (replicas.py)."""
+        if self.replicas.saturated():
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, "all replicas are at their queue limit; retry later")
+
     async def stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None = None,
                      metadata: tuple[tuple[str, str], ...] = (), trace_parent=None) -> AsyncIterator[Delta]:
         """Deltas of one request; raises RouterError. `timeout` is the time left for the whole call."""
@@ -103,6 +108,7 @@ class Dispatcher:
         one, resumed from the prompt plus the tokens already streamed (the replica continues with the
         sampling state of that step, so greedy and seeded streams continue exactly as they would
         have), waiting for a replica to come back within the request's deadline if none is left."""
+        self.check_admission()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         request = engine_pb2.EngineGenerateRequest(request_id=request_id, prompt_token_ids=prepared.prompt_token_ids,
@@ -140,6 +146,7 @@ class Dispatcher:
             self.replicas.request_started(replica)
             got_any = False
             failure: str | None = None
+            freed = True  # whether the replica had taken the request (its end frees a slot)
             try:
                 async for msg in call:
                     if msg.finished and msg.finish_reason == generate_pb2.FINISH_REASON_ERROR:
@@ -159,8 +166,11 @@ class Dispatcher:
             except aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 if code in RETRY_BEFORE_FIRST_TOKEN and not got_any:
+                    freed = False
                     if code == grpc.StatusCode.UNAVAILABLE:
                         self.replicas.report_unavailable(replica, details)
+                    else:
+                        self.replicas.report_saturated(replica)
                     log.info("request %s: replica %s refused (%s: %s); trying another", request_id,
                              replica.replica_id, code.name, details)
                     last_error = RouterError(code, details)
@@ -173,7 +183,7 @@ class Dispatcher:
                 failure = f"replica {replica.replica_id} failed ({code.name}: {details})"
             finally:
                 call.cancel()  # no-op when done; otherwise aborts the request on the replica
-                self.replicas.request_ended(replica)
+                self.replicas.request_ended(replica, freed)
             # the replica failed under the request: take it out of rotation, go on elsewhere
             self.replicas.report_unavailable(replica, failure)
             failures += 1

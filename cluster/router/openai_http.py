@@ -335,6 +335,7 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         try:
+            dispatcher.check_admission()  # overload: refused before any tokenizing
             frontend.check_model(req.model)
             if req.response_format and req.response_format.get("type") not in (None, "text"):
                 raise RouterError.invalid("response_format", "only type 'text' is supported")
@@ -361,6 +362,7 @@ def build_app(frontend: Frontend, dispatcher: Dispatcher, auth_token: str | None
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         try:
+            dispatcher.check_admission()  # overload: refused before any tokenizing
             frontend.check_model(req.model)
             if req.logprobs:
                 raise RouterError.invalid("logprobs", "not supported on /v1/completions; use chat")

@@ -55,6 +55,9 @@ class RoutingPolicy(ABC):
     def remove_replica(self, replica_id: str) -> None:
         """Forget a replica that left the set."""
 
+    def warm(self) -> None:
+        """Load what the first `select` would (run at start, off the event loop)."""
+
     def stats(self) -> dict[str, float]:
         return {}
 
@@ -117,6 +120,11 @@ class CacheAwarePolicy(RoutingPolicy):
         self._trees: dict[str, PrefixTree] = {}
         self._lock = threading.Lock()  # the HTTP and gRPC front ends share the trees
         self.decisions = {"cache": 0, "balance": 0, "emptiest": 0}
+
+    def warm(self) -> None:
+        # the first tree imports torch and SGLang's radix cache: ~6-8 s here, which on the event
+        # loop stalled the router's first request and every other request behind it
+        self._tree_factory()
 
     def _tree(self, replica_id: str) -> PrefixTree:
         tree = self._trees.get(replica_id)

@@ -63,6 +63,7 @@ class Replica:
         self.load = generate_pb2.ReplicaLoad(replica_id=endpoint.replica_id, address=endpoint.address)
         self.last_ok = 0.0
         self.failures = 0
+        self.saturated_since: float | None = None  # when it last refused for a full queue
 
     @property
     def replica_id(self) -> str:
@@ -99,6 +100,9 @@ class Replica:
         self.failures = 0
         self.last_ok = time.monotonic()
 
+    def saturated(self, ttl_s: float, now: float) -> bool:
+        return self.saturated_since is not None and now - self.saturated_since < ttl_s
+
     def snapshot(self) -> generate_pb2.ReplicaLoad:
         out = generate_pb2.ReplicaLoad()
         out.CopyFrom(self.load)
@@ -114,10 +118,14 @@ class ReplicaSet:
 
     def __init__(self, probe_interval_s: float = 0.5, probe_timeout_s: float = 1.0,
                  on_removed: Callable[[str], None] | None = None,
-                 on_change: Callable[["ReplicaSet"], None] | None = None) -> None:
+                 on_change: Callable[["ReplicaSet"], None] | None = None,
+                 saturation_ttl_s: float = 1.0) -> None:
         self.replicas: dict[str, Replica] = {}
         self._leaving: dict[str, Replica] = {}
         self.probe_interval_s = probe_interval_s
+        # A replica that refused for a full queue counts as full until one of its requests ends,
+        # a later probe shows room, or this long has passed (slots freed by other routers).
+        self.saturation_ttl_s = saturation_ttl_s
         self.probe_timeout_s = probe_timeout_s
         self._on_removed = on_removed
         self._on_change = on_change
@@ -181,10 +189,23 @@ class ReplicaSet:
     def request_started(self, replica: Replica) -> None:
         replica.inflight += 1
 
-    def request_ended(self, replica: Replica) -> None:
+    def request_ended(self, replica: Replica, freed: bool = True) -> None:
+        """`freed`: the replica had taken the request, so its end frees a slot there."""
         replica.inflight -= 1
+        if freed:
+            replica.saturated_since = None
         if replica.leaving:
             self._close_idle_leavers()
+
+    def report_saturated(self, replica: Replica) -> None:
+        replica.saturated_since = time.monotonic()
+
+    def saturated(self) -> bool:
+        """Every replica in rotation refused for a full queue lately and none has freed a slot
+        since: a new request can be refused here at once, without asking one."""
+        now = time.monotonic()
+        replicas = self.available()
+        return bool(replicas) and all(r.saturated(self.saturation_ttl_s, now) for r in replicas)
 
     def report_unavailable(self, replica: Replica, reason: str) -> None:
         replica.mark_down(reason)
@@ -199,6 +220,7 @@ class ReplicaSet:
 
     # ---- probing ----------------------------------------------------------------------------
     async def _probe(self, replica: Replica) -> None:
+        asked = time.monotonic()
         try:
             load = await replica.stub.GetLoad(engine_pb2.EngineLoadRequest(), timeout=self.probe_timeout_s)
         except (grpc.RpcError, asyncio.TimeoutError) as exc:
@@ -211,6 +233,9 @@ class ReplicaSet:
         except asyncio.CancelledError:
             raise
         replica.load = load
+        since = replica.saturated_since
+        if since is not None and since < asked and load.max_waiting and load.waiting < load.max_waiting:
+            replica.saturated_since = None  # its queue has room again (another router's requests ended)
         was_up = replica.healthy
         if load.healthy:
             replica.mark_up()

@@ -73,6 +73,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         except RouterError as exc:  # not echoed back: the id is what is wrong
             await context.abort(exc.code, exc.message)
         rid = rid or uuid.uuid4().hex
+        try:  # overload: refused before any work (no parsing of the prompt, no span, no replica call)
+            self.dispatcher.check_admission()
+        except RouterError as exc:
+            context.set_trailing_metadata((("x-request-id", rid),))
+            await context.abort(exc.code, exc.message)
         await context.send_initial_metadata((("x-request-id", rid),))
         model = self.frontend.model_name
         replica_id = ""
@@ -204,6 +209,7 @@ class RouterServer:
 
     async def start(self) -> None:
         cfg = self.config
+        await asyncio.to_thread(self.policy.warm)
         await self.watcher.start()
         self.replicas.start()
         if self.frontend is None:
@@ -213,14 +219,14 @@ class RouterServer:
                 raise RuntimeError("tokenizer_path: not configured and the replica reports none")
             tokenizer = await asyncio.to_thread(load_tokenizer, tokenizer_path)
             self.frontend = Frontend(tokenizer, info.model, cfg.limits(info.model.max_context_length))
-        interceptors: list[aio.ServerInterceptor] = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
-        interceptors.append(TolerantDecoding(generate_pb2.DESCRIPTOR))  # inside auth: checked first
+        interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
         # grpc's own cap well above ours: up to it, an oversized request gets our INVALID_ARGUMENT
         # naming the limit (grpc's RESOURCE_EXHAUSTED reads like "queue full", which clients retry)
         cap = 4 * self.frontend.max_request_bytes
         server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0),
                                                                 ("grpc.max_receive_message_length", cap)])
-        generate_pb2_grpc.add_GenerationServicer_to_server(
+        TolerantDecoding(generate_pb2.DESCRIPTOR).add_servicer(  # undecodable requests name their field
+            generate_pb2_grpc.add_GenerationServicer_to_server,
             GenerationServicer(self.frontend, self.dispatcher, cfg.request_timeout_s), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
