@@ -75,9 +75,11 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         rid = rid or uuid.uuid4().hex
         try:  # overload: refused before any work (no parsing of the prompt, no span, no replica call)
             self.dispatcher.check_admission()
-        except RouterError as exc:
+        except RouterError as exc:  # a status, not abort(): no exception through the stream layers
             context.set_trailing_metadata((("x-request-id", rid),))
-            await context.abort(exc.code, exc.message)
+            context.set_code(exc.code)
+            context.set_details(exc.message)
+            return
         await context.send_initial_metadata((("x-request-id", rid),))
         model = self.frontend.model_name
         replica_id = ""
