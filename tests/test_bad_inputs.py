@@ -315,3 +315,17 @@ def test_a_message_past_grpcs_own_cap_is_not_queue_full(env):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in err.value.details()
     _good(G, router, channel, env["http"], {})
+
+
+def test_limits_are_configurable_and_default_from_the_context():
+    from expertmesh.cluster.config import RouterSection
+    from expertmesh.cluster.router.config import RouterConfig
+    from expertmesh.cluster.router.limits import Limits
+
+    r1 = Limits.resolve(163840)  # DeepSeek-R1's context
+    assert (r1.request_bytes, r1.prompt_bytes, r1.prompt_tokens, r1.messages, r1.request_id_chars) == (
+        16 * 163840, 16 * 163840, 163839, 4096, 128)
+    assert Limits.resolve(2048).request_bytes == 1 << 20  # the floor
+    section = RouterSection(max_messages=3, max_prompt_tokens=10**9, max_request_id_chars=16)
+    limits = RouterConfig.from_deploy_section(section, replicas=["127.0.0.1:1"]).limits(2048)
+    assert (limits.messages, limits.prompt_tokens, limits.request_id_chars) == (3, 2047, 16)  # never past the context

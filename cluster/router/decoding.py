@@ -78,6 +78,8 @@ class TolerantDecoding:
         def loosen(messages: Any, scope: str) -> None:
             for m in messages:
                 for f in m.field:
+                    if m.options.map_entry and f.name == "key":
+                        continue  # map keys cannot be bytes; a bad key reads as a bad message
                     if f.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
                         f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
                         self._strings.add(f"{scope}{m.name}.{f.name}")
