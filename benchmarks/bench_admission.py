@@ -97,6 +97,9 @@ def run_ours(ckpt: Path, args, work: list[dict], admission: str) -> dict:
             peak = max(peak, len(e.scheduler.running))
             running_sum += len(e.scheduler.running)
             steps += 1
+            if steps % 200 == 0:
+                log.info("%s: step %d, %d done, %d running, %d waiting, %.0f s", admission, steps, len(done),
+                         len(e.scheduler.running), len(e.scheduler.waiting), time.perf_counter() - t0)
         wall = time.perf_counter() - t0
         exact = sum(toks[f"{admission}{i}"] == w["tokens"] for i, w in enumerate(work))
         out_tokens = sum(len(v) for v in toks.values())
