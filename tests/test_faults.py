@@ -125,8 +125,14 @@ def test_kill_rank_then_replica_loses_no_request_and_no_token(app):
         new_rank = json.loads(next(e for e in entries() if e["replica_id"] == victim["replica_id"])
                               ["metadata"]["ranks"])[1]
         assert new_rank["pid"] != pid and new_rank["actor_name"] != rank["actor_name"]
-        # 2. kill -9 one EngineReplica process (the other one)
+        # 2. kill -9 one EngineReplica process (the other one), while it holds requests
         victim = next(e for e in entries() if e["replica_id"] != victim["replica_id"])
+
+        def victim_busy() -> bool:
+            with GenerationClient(app, timeout=10) as c:
+                return any(r.replica_id == victim["replica_id"] and r.running > 0 for r in c.load().replicas)
+
+        wait_for(victim_busy, 60, "the victim replica to hold requests")
         t_kill = time.monotonic()
         before = done[0]
         os.kill(int(victim["metadata"]["pid"]), signal.SIGKILL)
