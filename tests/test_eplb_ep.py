@@ -8,17 +8,15 @@ import random
 import pytest
 import torch
 
+from _engine_runs import N, greedy_reqs, run
 from _reference import PROMPTS, hf_greedy
-from expertmesh.actors.sampling_params import SamplingParams
 from expertmesh.cluster.engine.async_engine import AsyncEngine
 from expertmesh.cluster.engine.balancing import EplbConfig
 from expertmesh.cluster.engine.engine import Engine, EngineConfig
 from expertmesh.cluster.engine.executor import PlacementSpec
 from expertmesh.cluster.engine.scheduler import SchedulerConfig
-from expertmesh.cluster.engine.types import EngineRequest
 
 torch.set_num_threads(1)
-N = 12
 
 
 def eplb_engine(ckpt, ep: int, redundant: int, **eplb) -> Engine:
@@ -27,17 +25,6 @@ def eplb_engine(ckpt, ep: int, redundant: int, **eplb) -> Engine:
     sched = SchedulerConfig(kv_tokens_per_rank=2048, page_size=4)
     return Engine(EngineConfig(str(ckpt), ep_size=ep, scheduler=sched, eplb=cfg),
                   placement=PlacementSpec(cpus_per_rank=0.25))
-
-
-def greedy_reqs(prompts, tag: str, n: int = N):
-    return [EngineRequest(f"{tag}{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-            for i, p in enumerate(prompts)]
-
-
-def run(engine: Engine, reqs) -> list[list[int]]:
-    out = engine.run_to_completion(reqs)
-    assert all(o.error is None for o in out.values()), [o.error for o in out.values()]
-    return [out[r.request_id].token_ids for r in reqs]
 
 
 @pytest.mark.parametrize("ep,redundant", [(2, 0), (2, 4), (4, 0), (4, 4)])

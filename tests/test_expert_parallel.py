@@ -6,16 +6,14 @@ import time
 import pytest
 import torch
 
+from _engine_runs import N, greedy_reqs, run
 from _reference import PROMPTS, hf_greedy
 from expertmesh.actors.loader import expert_of
-from expertmesh.actors.sampling_params import SamplingParams
 from expertmesh.cluster.engine.engine import Engine, EngineConfig
 from expertmesh.cluster.engine.executor import GroupFailure, PlacementSpec
 from expertmesh.cluster.engine.scheduler import SchedulerConfig
-from expertmesh.cluster.engine.types import EngineRequest
 
 torch.set_num_threads(1)
-N = 12
 
 
 def ep_engine(ckpt, ep: int, placement: PlacementSpec | None = None, timeout: float = 60.0,
@@ -23,17 +21,6 @@ def ep_engine(ckpt, ep: int, placement: PlacementSpec | None = None, timeout: fl
     sched = SchedulerConfig(kv_tokens_per_rank=1024, page_size=4)
     return Engine(EngineConfig(str(ckpt), ep_size=ep, scheduler=sched, rebuild_in_place=rebuild_in_place),
                   placement=placement or PlacementSpec(cpus_per_rank=0.25), collective_timeout_s=timeout)
-
-
-def greedy_reqs(prompts, tag: str, n: int = N):
-    return [EngineRequest(f"{tag}{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-            for i, p in enumerate(prompts)]
-
-
-def run(engine: Engine, reqs) -> list[list[int]]:
-    out = engine.run_to_completion(reqs)
-    assert all(o.error is None for o in out.values()), [o.error for o in out.values()]
-    return [out[r.request_id].token_ids for r in reqs]
 
 
 @pytest.mark.parametrize("ep", [1, 2, 4])

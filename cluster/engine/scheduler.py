@@ -87,6 +87,7 @@ class Scheduler:
         self._remaps: list[dict[str, list[int]]] = [{} for _ in range(ep_size)]
         self.reserved = [0] * ep_size  # KV slots promised to admitted requests but not allocated yet
         self.new_token_ratio = config.init_new_token_ratio
+        self._growth = [0] * ep_size  # per-rank expected growth during one schedule() (admission by use)
         self.admission_stats = AdmissionStats()
 
     # -- sizes --------------------------------------------------------------------------------
@@ -162,6 +163,9 @@ class Scheduler:
                 step.prefill_tokens += self._prefill_chunk(req, inputs[req.rank], budget)
                 chosen.append(req)
         admitted: list[Request] = []
+        # admission by use: each rank's expected growth, summed once per step, not per candidate
+        self._growth = ([self.estimated_growth(r) for r in range(self.ep_size)]
+                        if self.config.admission == "use" and self.waiting else [0] * self.ep_size)
         for req in list(self.waiting):
             if len(blocked) == self.ep_size:
                 break
@@ -319,7 +323,7 @@ class Scheduler:
             reserve = need - uncached
         else:  # what it holds now, its expected growth, and a page of slack per running request
             need = (self._pages(len(req.prompt)) - match.length + self.expected_growth(req)
-                    + self.estimated_growth(rank) + cfg.page_size * (running_here + 1) + cfg.headroom_tokens)
+                    + self._growth[rank] + cfg.page_size * (running_here + 1) + cfg.headroom_tokens)
             reserve = 0
         cache.lock(match.handle)
         free = cache.available_slots + cache.evictable_tokens - self.reserved[rank]
@@ -338,6 +342,8 @@ class Scheduler:
             req.cached_tokens = match.length
         req.computed = match.length
         req.reserved = reserve
+        if cfg.admission == "use":
+            self._growth[rank] += self.expected_growth(req)
         self.reserved[rank] += req.reserved
         req.status = Status.RUNNING
         req.admitted_at = time.monotonic()
