@@ -67,8 +67,8 @@ class ExpertMover:
         recvs = [transfers(old, new, s, self.rank) for s in range(self.ep_size)]
         anyone_moves = any(transfers(old, new, s, d) for s in range(self.ep_size) for d in range(self.ep_size))
         device = weights.w13.device
-        dtype = weights.w13.dtype
-        width = weights.row_width * torch.empty((), dtype=dtype).element_size()  # bytes: exact on any backend
+        dtype = weights.slot_dtype  # FP8 slots travel as their raw bytes (e4m3 + scales)
+        width = weights.slot_nbytes  # bytes: exact on any backend
         old_mine = old.rank_experts(self.rank)
         received: dict[int, list[torch.Tensor]] = {}
         if anyone_moves:  # every rank computes the same answer: all join the collective or none do

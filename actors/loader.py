@@ -3,8 +3,8 @@
 A rank needs the dense/attention weights plus only its own slice of the routed experts, so
 tensors are read one at a time through `safe_open` and an unneeded expert is never touched: a
 shard that holds only other ranks' experts is not even opened (it may be absent). FP8 weights
-(e4m3 + 128x128 `weight_scale_inv` blocks) are dequantized here, so the model code only ever sees
-plain floating-point weights. Imports only torch, safetensors and tqdm (no transformers) to keep
+(e4m3 + 128x128 `weight_scale_inv` blocks) are dequantized here, or, with `keep_fp8`, handed on
+as they are (`Fp8Tensor`) for the model to keep resident (model/fp8.py). Imports only torch, safetensors and tqdm (no transformers) to keep
 rank actors light.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from expertmesh.actors.model.config import ModelConfig, UnsupportedModelError
+from expertmesh.actors.model.fp8 import Fp8Tensor, dequantize_fp8
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ __all__ = [
     "dequantize_fp8",
     "expected_shape",
     "expert_of",
+    "fp8_by_convention",
+    "resident_weight_bytes",
     "layer_of",
     "needed_names",
 ]
@@ -123,6 +126,31 @@ def needed_names(cfg: ModelConfig, expert_filter: ExpertFilter | None = None) ->
     return out
 
 
+def fp8_by_convention(name: str, shape: tuple[int, ...]) -> bool:
+    """What DeepSeek-V3/R1 store in FP8: 2-D linear weights except embeddings, lm_head and the gate."""
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return False
+    return not name.endswith(("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight", "shared_head.head.weight"))
+
+
+def resident_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, expert_filter: ExpertFilter | None = None,
+                          fp8_names: set[str] = frozenset()) -> dict[str, int]:
+    """The weight memory a rank holds once loaded, from the config alone: tensors in `fp8_names`
+    at 1 byte per weight plus an fp32 scale per block ("fp8", "scales"), the gate's fp32 tensors,
+    the rest in `dtype` ("dense"). The arithmetic behind configs/deepseek-r1-a100.yaml's plan;
+    tests compare it with what the model really holds (`DeepseekV3Model.weight_bytes`)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    out = {"fp8": 0, "scales": 0, "dense": 0}
+    for name, shape in needed_names(cfg, expert_filter).items():
+        n = math.prod(shape)
+        if name in fp8_names:
+            out["fp8"] += n
+            out["scales"] += 4 * math.prod(scale_inv_shape(shape, cfg.fp8_block))
+        else:
+            out["dense"] += n * (4 if name.endswith(FP32_SUFFIXES) else size)
+    return out
+
+
 def expected_shape(name: str, config: ModelConfig) -> tuple[int, ...] | None:
     """Shape the config implies for a hub tensor name; None if inference does not use the name
     (MTP layer, `*_scale_inv`, unknown tensors)."""
@@ -142,13 +170,6 @@ def scale_inv_shape(weight_shape: tuple[int, ...], block: tuple[int, int]) -> tu
     """Shape of the per-block scale grid: partial edge blocks count as whole blocks."""
     rows, cols = weight_shape
     return math.ceil(rows / block[0]), math.ceil(cols / block[1])
-
-
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """fp32 `weight * scale_inv` with each scale broadcast over its block (cropped at the edges)."""
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
-    return weight.float() * scale
 
 
 class CheckpointReader:
@@ -189,6 +210,10 @@ class CheckpointReader:
         """Names (and shapes) `iter_weights` will yield for this filter."""
         return needed_names(self.config, expert_filter)
 
+    def fp8_names(self, expert_filter: ExpertFilter | None = None) -> set[str]:
+        """Needed tensors the checkpoint stores in FP8 (those with a `_scale_inv` beside them)."""
+        return {n for n in self.needed(expert_filter) if n + SCALE_SUFFIX in self.weight_map}
+
     def needed_files(self, expert_filter: ExpertFilter | None = None) -> set[str]:
         """Shard files `iter_weights` will open for this filter."""
         files = set()
@@ -216,14 +241,15 @@ class CheckpointReader:
                 seen.add(file)
 
     def iter_weights(
-        self, dtype: torch.dtype, expert_filter: ExpertFilter | None = None
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+        self, dtype: torch.dtype, expert_filter: ExpertFilter | None = None, keep_fp8: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | Fp8Tensor]]:
         """Yield (hub tensor name, tensor) for every tensor inference needs: FP8 weights dequantized
         (weight.float() * scale_inv expanded over 128x128 blocks, cropped at edges) and cast to dtype;
         the gate weight and e_score_correction_bias always fp32; MTP layer (index num_hidden_layers) and
         *_scale_inv names skipped; routed expert (layer, expert) tensors skipped unless
         expert_filter(layer, expert) is True (None = all). Every yielded tensor's shape is checked
-        against the shape the config implies."""
+        against the shape the config implies. keep_fp8: FP8 weights come as `Fp8Tensor` (e4m3 +
+        scale_inv, as stored) instead."""
         names = self.needed(expert_filter)
         self._check_present(names)
         by_file: dict[str, list[str]] = {}
@@ -248,6 +274,9 @@ class CheckpointReader:
                 f = handle(file)
                 for name in by_file[file]:
                     tensor = self._read_one(f, handle, name, names[name], block, bar)
+                    if isinstance(tensor, Fp8Tensor):
+                        yield name, tensor if keep_fp8 else tensor.dequantize(dtype)
+                        continue
                     if name.endswith(FP32_SUFFIXES):
                         tensor = tensor.float()
                     else:
@@ -262,7 +291,7 @@ class CheckpointReader:
         shape: tuple[int, ...],
         block: tuple[int, int],
         bar: tqdm,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | Fp8Tensor:
         try:
             sl = f.get_slice(name)
         except Exception as exc:  # the index points at a file that does not hold the tensor
@@ -293,4 +322,4 @@ class CheckpointReader:
                 f"tensor {scale_name!r} has shape {list(scale.shape)}, expected {list(want)} "
                 f"for a {list(got)} weight in {block[0]}x{block[1]} blocks"
             )
-        return dequantize_fp8(tensor, scale, block)
+        return Fp8Tensor(tensor, scale.float(), tuple(block))

@@ -54,6 +54,7 @@ class RankActor:
             "pid": os.getpid(),
             "expert_range": list(self.worker.expert_range),
             "routed_expert_params": self.worker.routed_expert_param_count(),
+            "weight_bytes": self.worker.model.weight_bytes(),
             "read_tensor_names": sorted(self.worker.read_tensor_names),
         }
 

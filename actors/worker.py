@@ -42,6 +42,9 @@ class WorkerSpec:
     # Expert-parallel slots (EPLB): redundant copies beyond n_routed_experts, and the layout to load
     # ([MoE layer][slot] → logical expert; None: the default, see actors/model/placement.py).
     redundant_experts: int = 0
+    # FP8 checkpoints: keep e4m3 weights + block scales resident, dequantized inside each matmul
+    # (model/fp8.py); False dequantizes to `dtype` at load (2x the weight memory in bf16).
+    keep_fp8: bool = True
     expert_placement: list[list[int]] | None = None
 
 
@@ -71,7 +74,11 @@ class ModelWorker:
             self.expert_range = expert_range(self.config.n_routed_experts, spec.ep_rank, spec.ep_size)
         dtype = DTYPES[spec.dtype]
         self.model: DeepseekV3Model = build_model(self.config, dtype, self.expert_range, self.device, slot_experts)
-        self.model.load_weights(reader.iter_weights(dtype, expert_filter=self.model.wants_expert))
+        fp8_names = reader.fp8_names(self.model.wants_expert) if spec.keep_fp8 else set()
+        if fp8_names:
+            self.model.keep_fp8(fp8_names, self.config.fp8_block)
+        self.model.load_weights(reader.iter_weights(dtype, expert_filter=self.model.wants_expert,
+                                                    keep_fp8=bool(fp8_names)))
         self.read_tensor_names = set(reader.read_names)
         if spec.prepack:
             self.model.prepack()
@@ -92,7 +99,10 @@ class ModelWorker:
         self.states: dict[str, SamplingState] = {}
         self._load_history: deque[tuple[float, torch.Tensor]] = deque()
         self.slots: dict[str, torch.Tensor] = {}
-        log.info("rank %d/%d ready: experts [%d, %d), %d KV slots", self.rank, spec.ep_size, *self.expert_range, spec.kv_slots)
+        wb = self.model.weight_bytes()
+        log.info("rank %d/%d ready: experts [%d, %d), %d KV slots, weights %.1f MiB (fp8 %.1f, scales %.2f, dense %.1f)",
+                 self.rank, spec.ep_size, *self.expert_range, spec.kv_slots, sum(wb.values()) / 2**20,
+                 wb["fp8"] / 2**20, wb["scales"] / 2**20, wb["dense"] / 2**20)
 
     def set_group(self, process_group) -> None:
         """Use a re-formed process group (after a dead rank was replaced): weights, KV and the

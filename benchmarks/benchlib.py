@@ -31,17 +31,18 @@ def setup_env(threads: int = 1) -> None:
     torch.set_num_threads(threads)
 
 
-def ensure_checkpoint(preset: str, folder: Path | None = None, seed: int = 0) -> Path:
-    """The seeded random checkpoint of `preset`, generated once into a cache folder."""
-    folder = Path(folder or RESULTS / f"ckpt-{preset}")
+def ensure_checkpoint(preset: str, folder: Path | None = None, seed: int = 0, fp8: bool = False) -> Path:
+    """The seeded random checkpoint of `preset` (FP8 e4m3 weights with `fp8`), generated once
+    into a cache folder."""
+    folder = Path(folder or RESULTS / f"ckpt-{preset}{'-fp8' if fp8 else ''}")
     marker = folder / ".complete"
     if marker.exists():
         return folder
     from expertmesh.cluster.devtools.checkpoints import make_checkpoint
 
     t0 = time.perf_counter()
-    make_checkpoint(folder, preset=preset, seed=seed)
-    marker.write_text(json.dumps({"preset": preset, "seed": seed}) + "\n")
+    make_checkpoint(folder, preset=preset, seed=seed, fp8=fp8)
+    marker.write_text(json.dumps({"preset": preset, "seed": seed, "fp8": fp8}) + "\n")
     log.info("generated %s checkpoint in %s (%.1fs)", preset, folder, time.perf_counter() - t0)
     return folder
 

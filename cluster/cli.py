@@ -78,7 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       check_every_steps=min(100, args.eplb_interval or 100))
     try:
         engine = Engine(EngineConfig(args.checkpoint, dtype=args.dtype, ep_size=args.ep_size, scheduler=sched,
-                                     progress=sys.stderr.isatty(), device=args.device, eplb=eplb), placement=placement)
+                                     progress=sys.stderr.isatty(), device=args.device, eplb=eplb,
+                                     keep_fp8=not args.dequantize_fp8), placement=placement)
     except PlacementError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank (NCCL)")
     g.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (Ray actors)")
+    g.add_argument("--dequantize-fp8", action="store_true",
+                   help="FP8 checkpoints: dequantize to --dtype at load instead of keeping e4m3 weights resident")
     g.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     g.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
     g.add_argument("--cpus-per-rank", type=float, default=0.5)

@@ -1,6 +1,10 @@
 """Small helpers the engine tests share: greedy request batches and running them to completion."""
 from __future__ import annotations
 
+import torch
+
+from expertmesh.actors.forward_batch import ForwardBatch
+
 from expertmesh.actors.sampling_params import SamplingParams
 from expertmesh.cluster.engine.types import EngineRequest
 
@@ -17,3 +21,27 @@ def run(engine, reqs) -> list[list[int]]:
     out = engine.run_to_completion(reqs)
     assert all(o.error is None for o in out.values()), [o.error for o in out.values()]
     return [out[r.request_id].token_ids for r in reqs]
+
+
+def prefill_then_decode(worker, prompts: list[list[int]], steps: int = 3) -> list[torch.Tensor]:
+    """Logits of each prompt's prefill (one sequence at a time), then `steps` batched decode steps."""
+    out, ctx, nxt, slot = [], [], [], 1
+    model = worker.model
+    for p in prompts:
+        slots = torch.arange(slot, slot + len(p))
+        slot += len(p)
+        batch = ForwardBatch(torch.tensor(p), torch.arange(len(p)), slots, [len(p)], [slots])
+        logits = model.logits(model(batch, worker.kv)[-1:])
+        out.append(logits)
+        ctx.append(slots)
+        nxt.append(int(logits.float().argmax()))
+    for _ in range(steps):
+        new = torch.arange(slot, slot + len(prompts))
+        slot += len(prompts)
+        ctx = [torch.cat([c, new[i : i + 1]]) for i, c in enumerate(ctx)]
+        positions = torch.tensor([c.numel() - 1 for c in ctx])
+        batch = ForwardBatch(torch.tensor(nxt), positions, new, [1] * len(prompts), ctx)
+        logits = model.logits(model(batch, worker.kv))
+        out.append(logits)
+        nxt = logits.float().argmax(-1).tolist()
+    return out

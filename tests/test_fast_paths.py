@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _engine_runs import prefill_then_decode
 from _reference import PROMPTS, hf_greedy
 from expertmesh.actors import forward_batch
 from expertmesh.actors.forward_batch import ForwardBatch, shared_prefix_len
@@ -24,30 +25,6 @@ needs_packing = pytest.mark.skipif(not can_pack(torch.zeros(2, 2, dtype=torch.bf
                                    reason="this torch has no oneDNN packed bf16 linear")
 
 
-def _prefill_then_decode(worker: ModelWorker, prompts: list[list[int]], steps: int = 3) -> list[torch.Tensor]:
-    """Logits of each prompt's prefill (one sequence at a time), then `steps` batched decode steps."""
-    out, ctx, nxt, slot = [], [], [], 1
-    model = worker.model
-    for p in prompts:
-        slots = torch.arange(slot, slot + len(p))
-        slot += len(p)
-        batch = ForwardBatch(torch.tensor(p), torch.arange(len(p)), slots, [len(p)], [slots])
-        logits = model.logits(model(batch, worker.kv)[-1:])
-        out.append(logits)
-        ctx.append(slots)
-        nxt.append(int(logits.float().argmax()))
-    for _ in range(steps):
-        new = torch.arange(slot, slot + len(prompts))
-        slot += len(prompts)
-        ctx = [torch.cat([c, new[i : i + 1]]) for i, c in enumerate(ctx)]
-        positions = torch.tensor([c.numel() - 1 for c in ctx])
-        batch = ForwardBatch(torch.tensor(nxt), positions, new, [1] * len(prompts), ctx)
-        logits = model.logits(model(batch, worker.kv))
-        out.append(logits)
-        nxt = logits.float().argmax(-1).tolist()
-    return out
-
-
 @needs_packing
 def test_packed_bf16_logits_equal_unpacked_bitwise(tiny_ckpt):
     plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, prepack=False))
@@ -56,7 +33,7 @@ def test_packed_bf16_logits_equal_unpacked_bitwise(tiny_ckpt):
     assert all(m.experts.packed is not None for m in packed.model.moe_layers())
     assert packed.routed_expert_param_count() == plain.routed_expert_param_count()
     prompts = [PROMPTS[1], PROMPTS[4], PROMPTS[7]]
-    for a, b in zip(_prefill_then_decode(plain, prompts), _prefill_then_decode(packed, prompts)):
+    for a, b in zip(prefill_then_decode(plain, prompts), prefill_then_decode(packed, prompts)):
         assert torch.equal(a, b)
 
 

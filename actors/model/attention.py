@@ -14,6 +14,7 @@ from torch import nn
 from ..forward_batch import ForwardBatch
 from ..kv_cache import MLAKVCache
 from .config import ModelConfig
+from .fp8 import Fp8Linear
 from .layers import RMSNorm
 from .rope import RotaryEmbedding, softmax_scale
 
@@ -90,6 +91,9 @@ class MLAttention(nn.Module):
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [heads, nope, rank] and W_UV^T [heads, rank, v], as
         contiguous bmm operands, rebuilt only when the weight changes."""
+        if isinstance(self.kv_b_proj, Fp8Linear):  # FP8 resident: dequantized per step, never cached
+            w = self.kv_b_proj.dequantized().view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+            return w[:, : self.nope].contiguous(), w[:, self.nope :].transpose(1, 2).contiguous()
         weight = self.kv_b_proj.weight
         key = (weight.data_ptr(), weight._version)
         if self._absorbed_key != key or self._w_uk is None or self._w_uv_t is None:

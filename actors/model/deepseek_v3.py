@@ -14,6 +14,7 @@ from ..forward_batch import ForwardBatch
 from ..kv_cache import MLAKVCache
 from .attention import MLAttention
 from .config import ModelConfig
+from .fp8 import FP8_DTYPES, Fp8Tensor, convert_linears, tensor_bytes
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
 from .packed import prepack_linears
@@ -78,6 +79,38 @@ class DeepseekV3Model(nn.Module):
                 n += 2 * moe.experts.count
         return n
 
+    def keep_fp8(self, fp8_names: set[str], block: tuple[int, int]) -> int:
+        """Before loading: every linear (and routed-expert stack) the checkpoint stores in FP8 is
+        made to hold e4m3 weights and block scales instead of dense ones (model/fp8.py).
+        `fp8_names` are hub tensor names; returns how many linears were converted."""
+        dtype = self.embed_tokens.weight.dtype
+        n = convert_linears(self, lambda name: f"model.{name}.weight" in fp8_names or f"{name}.weight" in fp8_names,
+                            block, dtype)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, MoE) and any(
+                    name.startswith(f"model.layers.{i}.mlp.experts.") for name in fp8_names):
+                layer.mlp.experts.to_fp8(block)
+        return n
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident bytes of the weights this process holds, by storage: "fp8" (e4m3 weights),
+        "scales" (their fp32 block scales), "dense" (everything else, prepacked copies included)."""
+        out = {"fp8": 0, "scales": 0, "dense": 0}
+        for name, p in self.named_parameters():
+            if p.dtype in FP8_DTYPES:
+                out["fp8"] += tensor_bytes(p)
+            elif name.endswith("scale_inv"):
+                out["scales"] += tensor_bytes(p)
+            else:
+                out["dense"] += tensor_bytes(p)
+        for mod in self.modules():  # oneDNN-packed weights are not parameters: count their dense size
+            if hasattr(mod, "packed") and isinstance(mod.packed, torch.Tensor):
+                out["dense"] += mod.in_features * mod.out_features * 2
+        for moe in self.moe_layers():
+            if moe.experts.packed is not None:
+                out["dense"] += moe.experts.param_count * 2
+        return out
+
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
@@ -117,12 +150,31 @@ class DeepseekV3Model(nn.Module):
                     dst = param[index] if index is not None else param
                     if dst.shape != tensor.shape:
                         raise ValueError(f"{name}: expected shape {tuple(dst.shape)}, got {tuple(tensor.shape)}")
+                    if isinstance(tensor, Fp8Tensor):
+                        if param.dtype in FP8_DTYPES:  # kept resident: the e4m3 bytes and their scales
+                            dst.copy_(tensor.data)
+                            scale_name, scale_index = self._scale_of(target, index)
+                            scale = params[scale_name]
+                            (scale[scale_index] if scale_index is not None else scale).copy_(tensor.scale_inv)
+                            filled.add(target if index is None else f"{target}[{index}]")
+                            continue
+                        tensor = tensor.dequantize(param.dtype)
                     dst.copy_(tensor.to(param.dtype))
                     filled.add(target if index is None else f"{target}[{index}]")
         if self.config.tie_word_embeddings and "lm_head.weight" not in filled:
             self.lm_head.weight = self.embed_tokens.weight
             filled.add("lm_head.weight")
         return filled
+
+    @staticmethod
+    def _scale_of(target: str, index) -> tuple[str, object]:
+        """The block-scale parameter (and index) beside an FP8 weight parameter."""
+        if target.endswith(".w13"):  # gate rows [0, inter) then up rows: each keeps its own grid
+            local, rows = index
+            return f"{target[:-4]}.w{1 if rows.start == 0 else 3}_scale_inv", local
+        if target.endswith(".w2"):
+            return f"{target[:-3]}.w2_scale_inv", index
+        return f"{target}_scale_inv", None
 
     def _map_name(self, name: str, params: dict) -> list[tuple[str, object]]:
         """hub name → [(our parameter name, index or None)]: several for an expert held in several

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..profiling import NULL_PROFILER
+from .fp8 import dequantize_fp8
 from .packed import can_pack, pack_weight, packed_linear
 
 
@@ -39,6 +40,37 @@ class ExpertWeights(nn.Module):
         self.w13 = nn.Parameter(torch.empty(count, 2 * intermediate, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(count, hidden, intermediate), requires_grad=False)
         self.packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        # FP8 kept resident (to_fp8): block size and compute dtype; None while weights are dense
+        self.fp8_block: tuple[int, int] | None = None
+        self.compute_dtype: torch.dtype = self.w13.dtype
+
+    def to_fp8(self, block: tuple[int, int]) -> None:
+        """Holds the weights as e4m3 plus the hub's per-projection block scales (gate and up keep
+        their own grids: stacked, a partial edge block would straddle them); each expert is
+        dequantized to the compute dtype only while its rows are multiplied."""
+        count, inter, h = self.count, self.intermediate, self.hidden
+        self.compute_dtype = self.w13.dtype
+        device = self.w13.device
+        self.fp8_block = tuple(block)
+
+        def grid(rows: int, cols: int) -> torch.Tensor:
+            shape = (count, -(-rows // block[0]), -(-cols // block[1]))
+            return nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device), requires_grad=False)
+
+        e4m3 = torch.float8_e4m3fn
+        self.w13 = nn.Parameter(torch.zeros(count, 2 * inter, h, dtype=e4m3, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.zeros(count, h, inter, dtype=e4m3, device=device), requires_grad=False)
+        self.w1_scale_inv, self.w3_scale_inv, self.w2_scale_inv = grid(inter, h), grid(inter, h), grid(h, inter)
+
+    def dequantized(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local slot e's (w13, w2) in the compute dtype: the dense weights, or a transient
+        dequantization of the FP8 ones (the same values dequantize-at-load gives)."""
+        if self.fp8_block is None:
+            return self.w13[e], self.w2[e]
+        inter, block, dtype = self.intermediate, self.fp8_block, self.compute_dtype
+        w13 = torch.cat([dequantize_fp8(self.w13[e, :inter], self.w1_scale_inv[e], block),
+                         dequantize_fp8(self.w13[e, inter:], self.w3_scale_inv[e], block)]).to(dtype)
+        return w13, dequantize_fp8(self.w2[e], self.w2_scale_inv[e], block).to(dtype)
 
     @property
     def param_count(self) -> int:
@@ -60,9 +92,29 @@ class ExpertWeights(nn.Module):
         """Elements of one slot's weights flattened (w13 then w2): the unit a weight move sends."""
         return 3 * self.hidden * self.intermediate
 
+    def _fp8_scales(self) -> list[torch.Tensor]:
+        return [self.w1_scale_inv, self.w3_scale_inv, self.w2_scale_inv]
+
+    @property
+    def slot_dtype(self) -> torch.dtype:
+        """dtype of a `dense_slot` row: the weights' own, or raw bytes for FP8 (e4m3 + scales)."""
+        return torch.uint8 if self.fp8_block is not None else self.w13.dtype
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of one `dense_slot` row: what a weight move sends per slot."""
+        if self.fp8_block is not None:
+            return self.row_width + sum(s[0].numel() * 4 for s in self._fp8_scales())
+        return self.row_width * torch.empty((), dtype=self.w13.dtype).element_size()
+
     def dense_slot(self, i: int) -> torch.Tensor:
         """Local slot i's weights as one flat dense row (unpacked where they were prepacked:
-        oneDNN's reorder is a permutation, so to_dense gives back the very same values)."""
+        oneDNN's reorder is a permutation, so to_dense gives back the very same values); under
+        FP8 the raw bytes of its e4m3 weights and then its fp32 scales."""
+        if self.fp8_block is not None:
+            parts = [self.w13[i].reshape(-1).view(torch.uint8), self.w2[i].reshape(-1).view(torch.uint8)]
+            parts += [s[i].reshape(-1).view(torch.uint8) for s in self._fp8_scales()]
+            return torch.cat(parts)
         if self.packed is not None:
             w13, w2 = self.packed[0][i].to_dense(), self.packed[1][i].to_dense()
         else:
@@ -79,6 +131,8 @@ class ExpertWeights(nn.Module):
         new = cls(0, len(slot_experts), h, inter, slot_experts)
         split = 2 * inter * h
         dtype, device = old.w13.dtype, old.w13.device
+        if old.fp8_block is not None:
+            return cls._assemble_fp8(old, new, parts)
 
         def dense(row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             row = row.to(device=device, dtype=dtype)
@@ -106,12 +160,32 @@ class ExpertWeights(nn.Module):
                                   requires_grad=False)
         return new
 
+    @staticmethod
+    def _assemble_fp8(old: "ExpertWeights", new: "ExpertWeights", parts: list[int | torch.Tensor]) -> "ExpertWeights":
+        new.compute_dtype = old.compute_dtype
+        with torch.no_grad():
+            new.to_fp8(old.fp8_block)
+            targets = [new.w13, new.w2, *new._fp8_scales()]
+            sources = [old.w13, old.w2, *old._fp8_scales()]
+            for j, part in enumerate(parts):
+                if isinstance(part, int):
+                    for dst, src in zip(targets, sources):
+                        dst[j].copy_(src[part])
+                    continue
+                row, start = part.to(old.w13.device), 0
+                for dst in targets:
+                    n = dst[j].numel() * dst.element_size()
+                    dst[j].view(torch.uint8).copy_(row[start:start + n].view(dst[j].view(torch.uint8).shape))
+                    start += n
+        return new
+
     def _ffn(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             gate, up = packed_linear(rows, self.packed[0][e]).chunk(2, dim=-1)
             return packed_linear(F.silu(gate) * up, self.packed[1][e])
-        gate, up = F.linear(rows, self.w13[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[e])
+        w13, w2 = self.dequantized(e)
+        gate, up = F.linear(rows, w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
 
     def owns(self, expert: int) -> bool:
         return self.first <= expert < self.first + self.count

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from expertmesh.actors.loader import CheckpointReader, expert_of, needed_names
+from expertmesh.actors.loader import CheckpointReader, expert_of, fp8_by_convention, needed_names
 from expertmesh.actors.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -226,13 +226,6 @@ def _master_weight(name: str, shape: tuple[int, ...], seed: int, gate_skew: floa
     return torch.randn(shape, generator=g) * std
 
 
-def _is_fp8_weight(name: str, shape: tuple[int, ...]) -> bool:
-    """What DeepSeek-V3 stores in fp8: 2-D linear weights except embeddings, lm_head and the gate."""
-    if len(shape) != 2 or not name.endswith(".weight"):
-        return False
-    return not name.endswith(("embed_tokens.weight", "lm_head.weight", "mlp.gate.weight", "shared_head.head.weight"))
-
-
 def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, fp32 scale_inv) with one scale per block x block tile (partial at the edges)."""
     rows, cols = weight.shape
@@ -292,7 +285,7 @@ def _tensors(
         value = _master_weight(name, shapes[name], seed, gate_skew)
         if name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
             yield name, value.float().contiguous()
-        elif fp8 and _is_fp8_weight(name, shapes[name]):
+        elif fp8 and fp8_by_convention(name, shapes[name]):
             q, s = quantize_fp8(value)
             yield name, q
             yield name + "_scale_inv", s

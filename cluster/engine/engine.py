@@ -52,6 +52,9 @@ class EngineConfig:
     # off, or when that fails, the engine fails its requests and the replica is replaced whole.
     rebuild_in_place: bool = True
     eplb: EplbConfig = field(default_factory=EplbConfig)  # expert load balancing (balancing.py)
+    # FP8 checkpoints: e4m3 weights stay resident, dequantized inside the matmul (actors/model/fp8.py);
+    # False dequantizes them to `dtype` at load (twice the weight memory in bf16).
+    keep_fp8: bool = True
 
 
 @dataclass
@@ -100,7 +103,8 @@ class Engine:
         return WorkerSpec(checkpoint=str(self.config.checkpoint), dtype=self.config.dtype,
                           kv_slots=self.kv_buffer_slots, ep_rank=rank, ep_size=self.config.ep_size,
                           progress=self.config.progress, seed=self.config.seed, device=self.config.device,
-                          redundant_experts=redundant_slots(self.config.eplb, self.config.ep_size))
+                          redundant_experts=redundant_slots(self.config.eplb, self.config.ep_size),
+                          keep_fp8=self.config.keep_fp8)
 
     @property
     def max_sequence_tokens(self) -> int:

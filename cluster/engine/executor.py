@@ -44,7 +44,8 @@ class LocalExecutor:
         self.ep_size = 1
         self.worker = ModelWorker(spec)
         self.info = [{"rank": 0, "expert_range": list(self.worker.expert_range),
-                      "routed_expert_params": self.worker.routed_expert_param_count(), "node": "local"}]
+                      "routed_expert_params": self.worker.routed_expert_param_count(),
+                      "weight_bytes": self.worker.model.weight_bytes(), "node": "local"}]
 
     def step(self, inputs: list[StepInput]) -> list[StepOutput]:
         return [self.worker.step(inputs[0])]

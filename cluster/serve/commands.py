@@ -340,7 +340,10 @@ def status_main(argv: list[str]) -> int:
         for rank in r.get("ranks", []):
             held = (f"slots (layer 0) {rank['slot_experts'][0]}" if rank.get("slot_experts")
                     else f"experts {rank['expert_range']}")
-            print(f"    rank {rank['rank']} {held} node {rank.get('node')} actor {rank.get('actor_name')}")
+            wb = rank.get("weight_bytes") or {}
+            weights = (f" weights {sum(wb.values()) / 2**20:.1f} MiB"
+                       + (f" ({wb['fp8'] / 2**20:.1f} MiB fp8)" if wb.get("fp8") else "")) if wb else ""
+            print(f"    rank {rank['rank']} {held}{weights} node {rank.get('node')} actor {rank.get('actor_name')}")
         if r.get("eplb"):
             print("    " + eplb_line(r["eplb"]))
         if r.get("expert_load"):

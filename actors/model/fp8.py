@@ -1,0 +1,118 @@
+"""FP8 weights that stay FP8: e4m3 tensors with 128x128 block scales, dequantized inside the matmul.
+
+DeepSeek-V3/R1 ship their linear weights as e4m3 with one fp32 `weight_scale_inv` per 128x128
+block. Dequantizing them at load doubles the weight memory (R1 on 32 A100s: 37.0 -> 70.1 GiB per
+rank, which loads but leaves no room for KV). Here the e4m3 bytes and their scales stay as the
+checkpoint has them, and each matmul dequantizes a slab of whole block-rows (at most `SLAB_ELEMS`
+weights) to the compute dtype, multiplies, and drops it: resident memory is 1 byte per weight plus
+a scale per 16,384 weights; the dequantized slab is transient.
+
+The dequantized values are the dequantize-at-load path's exactly (the same fp32 product, the same
+cast), and a weight that fits one slab goes through the very same matmul call, so the outputs are
+bitwise equal to that path's. On CUDA this is weight-only FP8 with bf16 compute, what an A100 (no
+FP8 tensor cores) needs; a fused kernel (Marlin-style) can replace `fp8_linear` behind the same
+signature. Written by hand because torch has no blockwise-scaled weight-only FP8 linear on CPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Weights dequantized per slab: 16M weights = 32 MB of bf16 scratch. R1's largest expert matrix
+# (2 x 2048 x 7168 = 29M) takes two slabs, its o_proj (7168 x 16384) eight.
+SLAB_ELEMS = 1 << 24
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """fp32 `weight * scale_inv` with each scale broadcast over its block (cropped at the edges)."""
+    rows, cols = weight.shape
+    br, bc = block
+    w = weight.float()
+    s = scale_inv.float()
+    if rows % br == 0 and cols % bc == 0:  # whole blocks: a broadcast, no expanded scale grid
+        return (w.view(rows // br, br, cols // bc, bc) * s[:, None, :, None]).view(rows, cols)
+    scale = s.repeat_interleave(br, dim=0)[:rows].repeat_interleave(bc, dim=1)[:, :cols]
+    return w * scale
+
+
+@dataclass(frozen=True)
+class Fp8Tensor:
+    """A checkpoint's e4m3 weight and its scale_inv grid, as read (not dequantized)."""
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+    block: tuple[int, int]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(self.data, self.scale_inv, self.block).to(dtype)
+
+
+def slab_rows(rows: int, cols: int, block_rows: int) -> int:
+    """Rows per slab: whole block-rows, as many as fit SLAB_ELEMS (at least one block-row)."""
+    per_block = block_rows * cols
+    return min(rows, max(1, SLAB_ELEMS // per_block) * block_rows)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               dtype: torch.dtype) -> torch.Tensor:
+    """x [..., in] @ dequant(weight [out, in]).T in `dtype`, dequantizing a slab of rows at a time."""
+    rows, cols = weight.shape
+    step = slab_rows(rows, cols, block[0])
+    if step >= rows:
+        return F.linear(x, dequantize_fp8(weight, scale_inv, block).to(dtype))
+    out = x.new_empty(*x.shape[:-1], rows)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = dequantize_fp8(weight[r0:r1], scale_inv[r0 // block[0]: math.ceil(r1 / block[0])], block).to(dtype)
+        out[..., r0:r1] = F.linear(x, w)
+    return out
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free linear whose weight stays e4m3 (`weight`) with its block scales
+    (`weight_scale_inv`), the hub's names; `dtype` is the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.block, self.dtype = tuple(block), dtype
+        grid = (math.ceil(out_features / block[0]), math.ceil(in_features / block[1]))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.empty(grid, dtype=torch.float32, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The whole weight in the compute dtype (a transient copy)."""
+        return dequantize_fp8(self.weight, self.weight_scale_inv, self.block).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {self.block}"
+
+
+def convert_linears(model: nn.Module, is_fp8, block: tuple[int, int], dtype: torch.dtype) -> int:
+    """Replaces each bias-free nn.Linear whose module name `is_fp8` accepts by an (empty) Fp8Linear,
+    freeing its dense weight before loading fills the e4m3 one. Returns how many were replaced."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if type(mod) is nn.Linear and mod.bias is None and is_fp8(name)]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear(mod.in_features, mod.out_features, block, dtype, mod.weight.device))
+    return len(targets)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

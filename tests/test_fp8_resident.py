@@ -1,0 +1,144 @@
+"""Issue 14 item 3: FP8 weights that stay FP8.
+
+`keep_fp8` (the default, `model.keep_fp8` in the config) holds an FP8 checkpoint's e4m3 weights and
+128x128 scales as they are and dequantizes inside each matmul: the model must compute bit for bit
+what the dequantize-at-load path computes, hold 1 byte per FP8 weight (what `resident_weight_bytes`,
+the arithmetic behind the R1 plan, says), and do so under expert parallelism and weight moves too."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _engine_runs import N, greedy_reqs, prefill_then_decode, run
+from _reference import PROMPTS, hf_greedy
+from expertmesh.actors.loader import CheckpointReader, fp8_by_convention, needed_names, resident_weight_bytes
+from expertmesh.actors.model import fp8 as fp8_mod
+from expertmesh.actors.model.config import ModelConfig
+from expertmesh.actors.model.experts import ExpertWeights
+from expertmesh.actors.model.fp8 import Fp8Linear, dequantize_fp8
+from expertmesh.actors.worker import ModelWorker, WorkerSpec, expert_range
+from expertmesh.cluster.devtools.checkpoints import quantize_fp8
+from expertmesh.cluster.engine.engine import Engine, EngineConfig
+from expertmesh.cluster.engine.executor import PlacementSpec
+from expertmesh.cluster.engine.scheduler import SchedulerConfig
+
+torch.set_num_threads(1)
+
+SHORT = [[5, 7, 9, 11, 300, 2], list(range(40, 90)), [1000 + 3 * i for i in range(17)]]
+
+
+def _worker(ckpt, dtype: str, keep: bool, **kw) -> ModelWorker:
+    return ModelWorker(WorkerSpec(str(ckpt), dtype=dtype, kv_slots=512, keep_fp8=keep, **kw))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resident_fp8_computes_what_dequantize_at_load_computes(tiny_fp8_ckpt, dtype):
+    """Partial edge blocks (hidden 192, moe_intermediate 160), prefill and batched decode."""
+    kept, loaded = _worker(tiny_fp8_ckpt, dtype, True), _worker(tiny_fp8_ckpt, dtype, False)
+    assert any(isinstance(m, Fp8Linear) for m in kept.model.modules())
+    assert all(m.experts.w13.dtype == torch.float8_e4m3fn for m in kept.model.moe_layers())
+    assert not any(isinstance(m, Fp8Linear) for m in loaded.model.modules())
+    for a, b in zip(prefill_then_decode(kept, SHORT), prefill_then_decode(loaded, SHORT)):
+        assert torch.equal(a, b)
+
+
+def test_slabbed_matmul_equals_one_slab(tiny_fp8_ckpt, monkeypatch):
+    """A weight larger than a slab is dequantized a block-row slab at a time: same logits."""
+    whole = prefill_then_decode(_worker(tiny_fp8_ckpt, "float32", True), SHORT)
+    monkeypatch.setattr(fp8_mod, "SLAB_ELEMS", 128 * 192)  # one 128-row block-row of a 192-wide weight
+    assert fp8_mod.slab_rows(400, 192, 128) == 128
+    for a, b in zip(prefill_then_decode(_worker(tiny_fp8_ckpt, "float32", True), SHORT), whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_tokens_equal_transformers_with_fp8_resident(tiny_fp8_ckpt):
+    engine = Engine(EngineConfig(str(tiny_fp8_ckpt), keep_fp8=True,
+                                 scheduler=SchedulerConfig(kv_tokens_per_rank=2048, page_size=4)))
+    try:
+        assert engine.executor.describe()[0]["weight_bytes"]["fp8"] > 0
+        assert run(engine, greedy_reqs(PROMPTS, "f")) == hf_greedy(tiny_fp8_ckpt, PROMPTS, N)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_bytes_match_the_arithmetic(tiny_fp8_ckpt, dtype):
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    reader = CheckpointReader(tiny_fp8_ckpt, progress=False)
+    for keep in (True, False):
+        w = _worker(tiny_fp8_ckpt, name, keep, prepack=False)
+        fp8_names = reader.fp8_names() if keep else set()
+        assert w.model.weight_bytes() == resident_weight_bytes(reader.config, dtype, None, fp8_names)
+    kept = _worker(tiny_fp8_ckpt, name, True, prepack=False).model.weight_bytes()
+    n_fp8 = sum(torch.Size(s).numel() for n, s in reader.needed().items() if n in reader.fp8_names())
+    assert kept["fp8"] == n_fp8  # one byte per FP8 weight
+
+
+def test_r1_plan_follows_from_its_config():
+    """configs/deepseek-r1-a100.yaml: 37.0 GiB of weights per rank at ep 32 in FP8, 70.1 in bf16."""
+    r1 = ModelConfig.from_dict(dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=7168,
+        intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3,
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+        vocab_size=129280, q_lora_rank=1536, kv_lora_rank=512, num_attention_heads=128, num_key_value_heads=128,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840,
+        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}))
+    a, b = expert_range(256, 0, 32)
+    mine = lambda layer, e: a <= e < b  # noqa: E731
+    fp8 = {n for n, s in needed_names(r1, mine).items() if fp8_by_convention(n, s)}
+    gib = lambda d: round(sum(d.values()) / 2**30, 1)  # noqa: E731
+    assert gib(resident_weight_bytes(r1, torch.bfloat16, mine, fp8)) == 37.0
+    assert gib(resident_weight_bytes(r1, torch.bfloat16, mine, set())) == 70.1
+
+
+def test_fp8_expert_slots_move_as_raw_bytes():
+    """EPLB moves a slot as `dense_slot` bytes; an FP8 slot round-trips exactly (weights and scales)."""
+    torch.manual_seed(0)
+    w = ExpertWeights(0, 3, 192, 160)
+    w.to_fp8((128, 128))
+    with torch.no_grad():
+        for e in range(3):
+            for rows, scale in ((slice(0, 160), w.w1_scale_inv), (slice(160, 320), w.w3_scale_inv)):
+                q, s = quantize_fp8(torch.randn(160, 192))
+                w.w13[e, rows].copy_(q)
+                scale[e].copy_(s)
+            q, s = quantize_fp8(torch.randn(192, 160))
+            w.w2[e].copy_(q)
+            w.w2_scale_inv[e].copy_(s)
+    rows = [w.dense_slot(i) for i in range(3)]
+    assert all(r.dtype == torch.uint8 and r.numel() == w.slot_nbytes for r in rows)
+    again = ExpertWeights.assemble(w, [2, 0, 1], [rows[2].clone(), 0, rows[1].clone()])
+    for j, src in enumerate([2, 0, 1]):
+        for a, b in zip(again.dequantized(j), w.dequantized(src)):
+            assert torch.equal(a, b)
+    x = torch.randn(5, 192)
+    assert torch.equal(again.grouped_ffn(x, [5, 0, 0]), w.grouped_ffn(x, [0, 0, 5]))
+    expect = torch.cat([dequantize_fp8(w.w13[2, :160], w.w1_scale_inv[2]), dequantize_fp8(w.w13[2, 160:], w.w3_scale_inv[2])])
+    assert torch.equal(again.dequantized(0)[0], expect)
+
+
+@pytest.mark.parametrize("redundant", [0, 4])
+def test_expert_parallel_keeps_fp8_resident(ray_cluster, tiny_fp8_ckpt, redundant):
+    """EP2 over Ray (gloo), each rank holding its experts in FP8; with R 4 and a rebalance every 3
+    steps the FP8 slots move between ranks as raw bytes. Tokens equal transformers'."""
+    from expertmesh.cluster.engine.balancing import EplbConfig
+
+    eplb = EplbConfig(enabled=bool(redundant), redundant_experts=redundant, interval_steps=3, window_steps=12,
+                      min_gain=-1.0)
+    engine = Engine(EngineConfig(str(tiny_fp8_ckpt), ep_size=2, keep_fp8=True, eplb=eplb,
+                                 scheduler=SchedulerConfig(kv_tokens_per_rank=2048, page_size=4)),
+                    placement=PlacementSpec(cpus_per_rank=0.25))
+    try:
+        assert run(engine, greedy_reqs(PROMPTS, "e")) == hf_greedy(tiny_fp8_ckpt, PROMPTS, N)
+        reader = CheckpointReader(tiny_fp8_ckpt, progress=False)
+        for rank in engine.executor.describe():
+            if redundant:
+                continue  # slots, not a range: the arithmetic's filter is the default layout's
+            a, b = rank["expert_range"]
+            mine = lambda layer, e: a <= e < b  # noqa: E731
+            want = resident_weight_bytes(reader.config, torch.float32, mine, reader.fp8_names(mine))
+            assert rank["weight_bytes"] == want
+        if redundant:
+            assert engine.executor.eplb_stats()["moved_experts"] > 0
+    finally:
+        engine.shutdown()
