@@ -304,17 +304,72 @@ def test_the_table_covers_the_probe():
     assert len(CASES) >= 71 and len({str(c) for c in CASES}) == len(CASES)
 
 
-def test_a_message_past_grpcs_own_cap_is_not_queue_full(env):
-    """Up to 4x router.max_request_bytes the router answers INVALID_ARGUMENT naming the limit (in
-    the table). Past that grpc-core itself refuses before any handler runs, with its
-    RESOURCE_EXHAUSTED; its text says why, so no client mistakes it for a full queue."""
+@pytest.mark.parametrize("times", [3, 10])
+def test_an_oversized_message_is_invalid_not_queue_full(env, times):
+    """Well past router.max_request_bytes, a gRPC request is still INVALID_ARGUMENT naming its size
+    and the limit (refused on the raw bytes, before parsing), never RESOURCE_EXHAUSTED, which
+    clients read as "queue full, retry"; HTTP answers 413 in OpenAI's error object. The router
+    serves the next request."""
+    from expertmesh.cluster.decoding import grpc_receive_cap
+
     router, channel = env["open"]
-    stub = generate_pb2_grpc.GenerationStub(channel)
+    size = times * REQUEST_BYTES
+    assert size < grpc_receive_cap(REQUEST_BYTES)
+    msg = gen("a" * size)
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(gen("a" * (4 * REQUEST_BYTES + 10)), timeout=30))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "larger than max" in err.value.details()
+        list(generate_pb2_grpc.GenerationStub(channel).Generate(msg, timeout=60))
+    details = err.value.details()
+    assert err.value.code() == INV, (err.value.code(), details[:300])
+    assert details == (f"request: {msg.ByteSize()} bytes is over the limit of {REQUEST_BYTES} bytes "
+                       "(router.max_request_bytes)"), details[:300]
     _good(G, router, channel, env["http"], {})
+    r = env["http"].post(f"{router.http_address}{CP}", content=b'{"prompt": "' + b"a" * size + b'"}',
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:300]
+    err_body = r.json()["error"]
+    assert err_body["code"] == "request_too_large" and str(REQUEST_BYTES) in err_body["message"], err_body
+    _good(H, router, channel, env["http"], {})
+
+
+def test_past_grpcs_own_cap_grpc_core_refuses_unread(env):
+    """Past grpc-core's cap (16x the limit, at least 32 MiB: what bounds one call's memory) grpc-core
+    refuses on the length prefix before reading the body, with its own RESOURCE_EXHAUSTED; its text
+    says why. The router serves on."""
+    from expertmesh.cluster.decoding import grpc_receive_cap
+
+    router, channel = env["open"]
+    cap = grpc_receive_cap(REQUEST_BYTES)
+    with pytest.raises(grpc.RpcError) as err:
+        list(generate_pb2_grpc.GenerationStub(channel).Generate(gen("a" * (cap + 10)), timeout=60))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"larger than max" in err.value.details() and str(cap) in err.value.details()
+    _good(G, router, channel, env["http"], {})
+
+
+@pytest.mark.parametrize("request_bytes, field", [
+    (_ld(1, b"r\xff1") + _ld(2, b"\x00\x05"), "request_id"),  # EngineGenerateRequest.request_id
+    (_ld(2, b"\x00") + _ld(4, _ld(1, b"traceparent") + _ld(2, b"\xc3(")), 'trace_context["traceparent"]'),
+    (b"\x0a\xff\xff", "request"),  # not a message at all
+])
+def test_the_replicas_engine_service_decodes_tolerantly(env, request_bytes, field):
+    """The replica's EngineService refuses a request that does not parse as the router does:
+    INVALID_ARGUMENT naming the field, not UNKNOWN "DecodeError"; then it serves the next one."""
+    from expertmesh.v1 import engine_pb2, engine_pb2_grpc
+
+    router, _ = env["open"]
+    address = router.replicas.get("r0").address
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_stream("/expertmesh.v1.EngineService/Generate", request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(request_bytes, timeout=30))
+        details = err.value.details() or ""
+        assert err.value.code() == INV, (err.value.code(), details[:300])
+        assert details.startswith(field + ":") and "DecodeError" not in details, details[:300]
+        good = engine_pb2.EngineGenerateRequest(request_id="ok-1", prompt_token_ids=[0, 5, 6],
+                                                sampling=generate_pb2.SamplingParams(max_tokens=2))
+        out = list(engine_pb2_grpc.EngineServiceStub(ch).Generate(good, timeout=30))
+        assert sum(len(m.token_ids) for m in out) == 2
 
 
 def test_limits_are_configurable_and_default_from_the_context():

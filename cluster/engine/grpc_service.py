@@ -20,6 +20,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expertmesh.actors.sampling_params import InvalidRequestError, SamplingParams
+from expertmesh.cluster.decoding import TolerantDecoding
 from expertmesh.cluster.engine.types import EngineRequest, LoadInfo
 from expertmesh.cluster.wire import load_to_proto, output_to_proto, sampling_from_proto
 from expertmesh.v1 import engine_pb2, engine_pb2_grpc, generate_pb2
@@ -178,7 +179,10 @@ class EngineServer:
 
         interceptors = [BearerTokenInterceptor(self.auth_token)] if self.auth_token else []
         server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        engine_pb2_grpc.add_EngineServiceServicer_to_server(self.servicer, server)
+        # A request that does not parse (non-UTF-8 in a string field) is INVALID_ARGUMENT naming
+        # the field, as at the router, not UNKNOWN "DecodeError" (cluster/decoding.py).
+        TolerantDecoding(engine_pb2.DESCRIPTOR).add_servicer(
+            engine_pb2_grpc.add_EngineServiceServicer_to_server, self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()

@@ -165,6 +165,11 @@ class Dispatcher:
                     return
             except aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+                    # grpc-core's size cap on the replica, not a full queue: no replica takes it
+                    raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"request: too large for replica "
+                                                                        f"{replica.replica_id} ({details})",
+                                      "request") from None
                 if code in RETRY_BEFORE_FIRST_TOKEN and not got_any:
                     freed = False
                     if code == grpc.StatusCode.UNAVAILABLE:

@@ -15,8 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from expertmesh.cluster.auth import BearerTokenInterceptor, server_credentials
+from expertmesh.cluster.decoding import TolerantDecoding, grpc_receive_cap
 from expertmesh.cluster.router.config import RouterConfig
-from expertmesh.cluster.router.decoding import TolerantDecoding
 from expertmesh.cluster.router.dispatcher import Delta, Dispatcher
 from expertmesh.cluster.router.errors import RouterError
 from expertmesh.cluster.router.frontend import Frontend, PreparedRequest
@@ -222,12 +222,14 @@ class RouterServer:
             tokenizer = await asyncio.to_thread(load_tokenizer, tokenizer_path)
             self.frontend = Frontend(tokenizer, info.model, cfg.limits(info.model.max_context_length))
         interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
-        # grpc's own cap well above ours: up to it, an oversized request gets our INVALID_ARGUMENT
-        # naming the limit (grpc's RESOURCE_EXHAUSTED reads like "queue full", which clients retry)
-        cap = 4 * self.frontend.max_request_bytes
-        server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0),
-                                                                ("grpc.max_receive_message_length", cap)])
-        TolerantDecoding(generate_pb2.DESCRIPTOR).add_servicer(  # undecodable requests name their field
+        # An oversized request gets our INVALID_ARGUMENT naming the size and the limit, checked on
+        # the raw bytes before parsing; grpc-core's own cap (RESOURCE_EXHAUSTED, which reads like
+        # "queue full, retry") sits 16x above it and bounds what one call may buffer (decoding.py).
+        limit = self.frontend.max_request_bytes
+        server = aio.server(interceptors=interceptors, options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", grpc_receive_cap(limit))])
+        decoding = TolerantDecoding(generate_pb2.DESCRIPTOR, max_bytes=limit, limit_key="router.max_request_bytes")
+        decoding.add_servicer(  # undecodable or oversized requests name their field
             generate_pb2_grpc.add_GenerationServicer_to_server,
             GenerationServicer(self.frontend, self.dispatcher, cfg.request_timeout_s), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -6,6 +6,14 @@ like our bug. `TolerantDecoding` swaps in a deserializer that, on a parse error,
 twin of the message whose strings are `bytes` (a private descriptor pool, built once per server)
 to find the field at fault, and a handler that answers INVALID_ARGUMENT with that field's name.
 Nothing changes for requests that parse: the twin is touched only after an error.
+
+With `max_bytes` set, a message over it is refused the same way (INVALID_ARGUMENT, `request: N
+bytes is over the limit of L bytes (<config key>)`) before it is parsed at all: grpc-core's own
+cap answers RESOURCE_EXHAUSTED, the code of "queue full, retry later", so a server that wants its
+size refusals read as final sets grpc-core's cap above `max_bytes` (see `grpc_receive_cap`) and
+lets this decide.
+
+Both sides use it: the router's public Generation service and the replica's EngineService.
 """
 from __future__ import annotations
 
@@ -20,6 +28,24 @@ from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
 log = logging.getLogger(__name__)
+
+GRPC_CAP_FACTOR = 16  # grpc-core's receive cap, in multiples of the size limit we enforce ourselves
+GRPC_CAP_FLOOR = 32 << 20
+
+
+def grpc_receive_cap(max_bytes: int) -> int:
+    """grpc-core's `grpc.max_receive_message_length` for a server whose own limit is `max_bytes`.
+
+    Up to this cap a too-big message reaches our deserializer and gets our INVALID_ARGUMENT naming
+    the size and the limit; past it grpc-core refuses on the message's length prefix, before
+    reading the body, with RESOURCE_EXHAUSTED "Received message larger than max (N vs. CAP)".
+    The cap is what bounds memory: grpc-core assembles a message whole before handing it to
+    Python, and the hop into Python copies it (measured: a 300 MB message peaks the server at
+    ~3x its size, freed when the call ends), so one call costs at most ~3 x cap transiently; past
+    the cap it costs nothing (measured: no growth for a 300 MB message over a 4 MiB cap). Hence a
+    finite cap, not -1: unlimited would let one 4 GiB message (the gRPC length prefix's range)
+    take ~12 GB."""
+    return max(GRPC_CAP_FACTOR * max_bytes, GRPC_CAP_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -38,9 +64,14 @@ def _bad_utf8(msg: Message, strings: set[str], prefix: str = "") -> tuple[str, s
     """(field path as the client names it, reason) of the first string field that is not UTF-8."""
     for fd, value in msg.ListFields():
         path = prefix + fd.name
-        items = list(enumerate(value)) if fd.is_repeated else [(None, value)]
-        for i, item in items:
-            where = path if i is None else f"{path}[{i}]"
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            fd = fd.message_type.fields_by_name["value"]  # keys stay strings (see loosen)
+            items = [(f'{path}["{key}"]', item) for key, item in value.items()]
+        elif fd.is_repeated:
+            items = [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+        else:
+            items = [(path, value)]
+        for where, item in items:
             if fd.message_type is not None:
                 found = _bad_utf8(item, strings, where + ".")
                 if found:
@@ -58,8 +89,12 @@ class TolerantDecoding:
     refused with INVALID_ARGUMENT naming the field (or `request` when the bytes are not the
     message at all)."""
 
-    def __init__(self, *files: Any) -> None:
-        """`files`: the generated modules' file descriptors whose messages the server receives."""
+    def __init__(self, *files: Any, max_bytes: int | None = None, limit_key: str = "") -> None:
+        """`files`: the generated modules' file descriptors whose messages the server receives;
+        `max_bytes`: the largest message accepted (checked before parsing), `limit_key` the config
+        key that sets it, named in the refusal."""
+        self.max_bytes = max_bytes
+        self.limit_key = limit_key
         self._pool = descriptor_pool.DescriptorPool()
         self._strings: set[str] = set()  # full names of the original string fields
         added: set[str] = set()
@@ -106,7 +141,11 @@ class TolerantDecoding:
         return Undecodable(*found)
 
     def deserializer(self, cls: type[Message]) -> Callable[[bytes], Any]:
+        limit, key = self.max_bytes, f" ({self.limit_key})" if self.limit_key else ""
+
         def parse(data: bytes) -> Any:
+            if limit is not None and len(data) > limit:  # refused unparsed: no work in proportion to it
+                return Undecodable("request", f"{len(data)} bytes is over the limit of {limit} bytes{key}")
             try:
                 return cls.FromString(data)
             except DecodeError:
