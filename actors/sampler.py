@@ -131,10 +131,13 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
             x.sub_((counts > 0).to(torch.float32) * p.presence_penalty)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+def apply_top_k_top_p_sorted(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
                       ) -> torch.Tensor:
     """Mask [R, V] logits to each row's top-k (ties with the k-th kept), then to the smallest
-    nucleus of mass >= top_p (at least one token kept). top_k holds V for "off"; top_p 1.0."""
+    nucleus of mass >= top_p (at least one token kept). top_k holds V for "off"; top_p 1.0.
+
+    The reference: a stable full-vocabulary sort per row. apply_top_k_top_p gives the same result
+    without it for almost every row and falls back to this one for the rest."""
     vocab = logits.shape[1]
     # Stable sort: tied values keep index order, so the result never depends on the batch.
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False, stable=True)
@@ -145,6 +148,138 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     drop[:, -1] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+# Fast path of apply_top_k_top_p. The reference keeps the token at ascending sorted position j iff
+# cum[j] > 1 - top_p, cum being the fp32 cumsum of the fp32 softmax of the sorted row (or j is the
+# last position). The fast path computes the same tail masses in float64 from the unsorted row and
+# decides a token only when its tail mass is farther than _FAST_REL_TOL (relative) from the
+# threshold; the reference's own rounding (mostly the fp32 sum inside its softmax) was measured
+# below 1e-6 relative on CPU (tests/test_fast_topp.py checks the margin).
+_FAST_REL_TOL = 1e-5
+# On CUDA the reference's cumsum is an fp32 scan (CPU accumulates in float64): a looser margin
+# there, and the fast path is off by default (a GPU sorts 129k floats in microseconds).
+_FAST_REL_TOL_OTHER = 1e-3
+_FAST_ABS_TOL = 1e-30
+_FAST_BUCKETS = 4096  # value buckets per histogram level
+_FAST_LEVELS = 3  # histogram levels before the band is sorted as it is
+_FAST_BAND = 2048  # stop refining once at most this many tokens straddle the threshold
+_FAST_TOPK = 1024  # top_k up to this: its k-th value by torch.topk, above it by kthvalue
+_FAST_UNDERFLOW = -60.0  # top_p 1.0: every finite logit within this of the max has probability > 0
+_FAST_MIN_VOCAB = 4096  # below it the sort is cheap
+_FAST_DEFAULT = True  # module switch (benchmarks, tests): False sends every row to the reference
+
+
+def _fast_row(x: torch.Tensor, k: int, thr: float, rel_tol: float) -> torch.Tensor | None:
+    """apply_top_k_top_p_sorted of one fp32 row [V], or None where the fast path cannot be sure.
+    thr is the reference's fp32 1 - top_p as a float.
+
+    Tokens fall into value buckets (a histogram of their probability mass, float64); buckets whose
+    whole mass range lies clearly below the threshold are dropped, those clearly above kept, and
+    the tokens of the few buckets in between (the band) are refined the same way, then sorted
+    stably as the reference sorts them and decided one by one."""
+    vocab = x.numel()
+    neg_inf = float("-inf")
+    if k < vocab:
+        if k <= _FAST_TOPK:
+            kth = x.topk(k, sorted=True).values[-1]
+        else:
+            kth = x.kthvalue(vocab - k + 1).values
+        x = x.masked_fill(x < kth, neg_inf)
+    m = x.max()
+    if not bool(torch.isfinite(m)):
+        return None  # NaN or +inf logits: left to the reference
+    if thr <= 0.0:  # top_p 1.0: the reference drops only tokens of probability exactly 0
+        lowest = torch.where(x > neg_inf, x, m).min()
+        return x if bool(lowest - m >= _FAST_UNDERFLOW) else None
+    # fp32 as the reference's softmax computes them, clamped clear of the (slow) subnormals:
+    # that adds under vocab * 1.6e-38 to the total mass, far below _FAST_ABS_TOL
+    ev_all = torch.exp((x - m).clamp_(min=-87.0))
+    total = float(ev_all.sum(dtype=torch.float64))
+    target = thr * total  # tail masses below are in units of ev (not normalised)
+    lo_tol = target * (1.0 - rel_tol) - _FAST_ABS_TOL * total
+    hi_tol = target * (1.0 + rel_tol) + _FAST_ABS_TOL * total
+    out = torch.full_like(x, neg_inf)
+    vals, ev, ids = x, ev_all, None  # ids None: the whole row
+    base = 0.0  # mass of the tokens below every token of vals
+    nb = _FAST_BUCKETS
+    for _ in range(_FAST_LEVELS):
+        if vals.numel() <= _FAST_BAND:
+            break
+        vmax = vals.max()
+        vmin = torch.where(vals > neg_inf, vals, vmax).min()
+        span = float(vmax - vmin)
+        if not span > 0.0:
+            break
+        # bucket 0 holds the highest values; monotone in the value, so ties share a bucket
+        bucket = ((vmax - vals) * (nb / span)).clamp_(0, nb - 1).to(torch.long)
+        mass = torch.zeros(nb, dtype=torch.float64, device=x.device)
+        mass.index_add_(0, bucket, ev.to(torch.float64))
+        upper = mass.flip(0).cumsum(0).flip(0) + base  # mass of the bucket and all below it
+        lower = upper - mass  # mass strictly below the bucket
+        undecided = ~((upper < lo_tol) | (lower > hi_tol))
+        band_buckets = undecided.nonzero().squeeze(1).tolist()
+        if not band_buckets:  # cannot happen with exact sums; be safe
+            return None
+        j0, j1 = band_buckets[0], band_buckets[-1]
+        above = bucket < j0  # clearly kept
+        if ids is None:
+            out = torch.where(above, x, out)
+        else:
+            kept = ids[above]
+            out[kept] = x[kept]
+        sel = ((bucket <= j1) & ~above & (vals > neg_inf)).nonzero().squeeze(1)
+        base = float(lower[j1])
+        vals, ev = vals[sel], ev[sel]
+        ids = sel if ids is None else ids[sel]
+    if ids is None or vals.numel() > vocab // 4:
+        return None  # could not narrow the row down (flat or tied): the full sort is as good
+    # The band in the reference's order: ascending, ties by index (ids are increasing here).
+    sv, order = torch.sort(vals, stable=True)
+    cum = base + ev[order].to(torch.float64).cumsum(0)
+    keep = cum > hi_tol
+    drop = cum < lo_tol
+    if sv.numel() and bool(sv[-1] == m):  # the band holds the row's top token: always kept
+        keep[-1] = True
+        drop[-1] = False
+    if bool((~(keep | drop)).any()):
+        return None  # a token's tail mass is within rounding distance of the threshold
+    kept = ids[order[keep]]
+    out[kept] = x[kept]
+    return out
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      fast: bool | None = None) -> torch.Tensor:
+    """Mask [R, V] logits to each row's top-k (ties with the k-th kept), then to the smallest
+    nucleus of mass >= top_p (at least one token kept). top_k holds V for "off"; top_p 1.0.
+
+    Equals apply_top_k_top_p_sorted bit for bit, without its full-vocabulary sort: per row, the
+    k-th value comes from topk/kthvalue, the nucleus boundary from value histograms of float64
+    probability mass, and only the few tokens around the boundary are sorted. A row where the
+    boundary is within rounding distance of a token's tail mass goes to the reference (batched).
+    fast: None (default) uses the fast path on CPU only; True forces it, False the reference."""
+    rows, vocab = logits.shape
+    cpu = logits.device.type == "cpu"
+    if fast is None:
+        fast = cpu and _FAST_DEFAULT
+    if not fast or rows == 0 or vocab < _FAST_MIN_VOCAB or logits.dtype != torch.float32:
+        return apply_top_k_top_p_sorted(logits, top_k, top_p)
+    ks = top_k.clamp(1, vocab).tolist()
+    thrs = (1.0 - top_p).tolist()  # the reference's threshold, exactly
+    rel_tol = _FAST_REL_TOL if cpu else _FAST_REL_TOL_OTHER
+    out = torch.empty_like(logits)
+    slow: list[int] = []
+    for r in range(rows):
+        res = _fast_row(logits[r], int(ks[r]), float(thrs[r]), rel_tol)
+        if res is None:
+            slow.append(r)
+        else:
+            out[r] = res
+    if slow:
+        sidx = torch.tensor(slow, device=logits.device)
+        out[sidx] = apply_top_k_top_p_sorted(logits[sidx], top_k[sidx], top_p[sidx])
+    return out
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
