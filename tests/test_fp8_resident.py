@@ -142,3 +142,14 @@ def test_expert_parallel_keeps_fp8_resident(ray_cluster, tiny_fp8_ckpt, redundan
             assert engine.executor.eplb_stats()["moved_experts"] > 0
     finally:
         engine.shutdown()
+
+
+def test_fast_e4m3_conversion_is_exact():
+    """Every e4m3 value but NaN (0x7f, 0xff), via the CPU bit path, equals torch's own conversion."""
+    every = torch.arange(256, dtype=torch.uint8)
+    every = every[(every & 0x7F) != 0x7F].view(torch.float8_e4m3fn)
+    assert torch.equal(fp8_mod._e4m3_to_float(every), every.float())
+    w = (torch.randn(300, 200) * 40).to(torch.float8_e4m3fn)
+    s = torch.rand(3, 2)
+    ref = w.float() * s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+    assert torch.equal(dequantize_fp8(w, s), ref)
