@@ -74,7 +74,8 @@ def output_to_proto(out: RequestOutput, top_logprobs: int = 0) -> engine_pb2.Eng
     return msg
 
 
-def load_to_proto(load: LoadInfo, max_waiting: int = 0, healthy: bool = True) -> generate_pb2.ReplicaLoad:
+def load_to_proto(load: LoadInfo, max_waiting: int = 0, healthy: bool = True,
+                  max_running: int = 0) -> generate_pb2.ReplicaLoad:
     return generate_pb2.ReplicaLoad(
         replica_id=load.replica_id, healthy=healthy, running=load.running, waiting=load.waiting,
         kv_used_tokens=load.kv_used_tokens, kv_total_tokens=load.kv_total_tokens, kv_usage=load.kv_usage,
@@ -82,5 +83,5 @@ def load_to_proto(load: LoadInfo, max_waiting: int = 0, healthy: bool = True) ->
         cached_tokens_total=load.cached_tokens_total, max_waiting=max_waiting,
         kv_reserved_tokens=load.kv_reserved_tokens, retractions_total=load.retractions_total,
         recomputed_tokens_total=load.recomputed_tokens_total, admission=load.admission,
-        group_state=load.group_state, group_rebuilds_total=load.group_rebuilds_total,
+        group_state=load.group_state, group_rebuilds_total=load.group_rebuilds_total, max_running=max_running,
     )

@@ -69,6 +69,15 @@ def _engine_max_waiting(engine: Any) -> int:
         return 0
 
 
+def _engine_max_running(engine: Any) -> int:
+    """Running slots over all ranks (max_running_requests is per rank); 0: unknown."""
+    try:
+        inner = engine.engine
+        return int(inner.config.scheduler.max_running_requests) * int(inner.config.ep_size)
+    except AttributeError:
+        return int(getattr(engine, "max_running", 0) or 0)
+
+
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     def __init__(self, engine: "AsyncEngine", replica_id: str, max_waiting: int = 0,
@@ -77,6 +86,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         self.replica_id = replica_id
         # Reported in GetLoad (the engine enforces it); 0: unlimited / unknown.
         self.max_waiting = max_waiting or _engine_max_waiting(engine)
+        self.max_running = _engine_max_running(engine)
         self.tokenizer_path = tokenizer_path
         self.draining = False
         gd = getattr(getattr(engine, "engine", engine), "generation_defaults", None)
@@ -147,7 +157,8 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         return engine_pb2.AbortResponse(found=bool(found))
 
     async def GetLoad(self, request: engine_pb2.EngineLoadRequest, context: aio.ServicerContext) -> generate_pb2.ReplicaLoad:
-        return load_to_proto(self._load(), self.max_waiting, healthy=self.unavailable() is None)
+        return load_to_proto(self._load(), self.max_waiting, healthy=self.unavailable() is None,
+                             max_running=self.max_running)
 
     async def Health(self, request: engine_pb2.HealthRequest, context: aio.ServicerContext) -> engine_pb2.HealthResponse:
         return engine_pb2.HealthResponse(serving=self.unavailable() is None, replica_id=self.replica_id)

@@ -120,8 +120,10 @@ class Scheduler:
     def queue_full(self, pending: int = 0) -> bool:
         """Whether `pending` more requests (plus those waiting) would overflow the waiting queue.
         Requests that free running slots will take at the next step do not count as queued: a
-        burst is admitted up to max_running_requests before anything is refused."""
-        free = max(0, self.config.max_running_requests - len(self.running))
+        burst is admitted up to max_running_requests (per rank: times ep_size) before anything is
+        refused. Routers read the same sum from GetLoad (max_running + max_waiting) and refuse at
+        their door once they have that many here."""
+        free = max(0, self.config.max_running_requests * self.ep_size - len(self.running))
         return len(self.waiting) + pending - free >= self.config.max_waiting_requests
 
     def remove_waiting(self, req: Request) -> bool:
@@ -162,7 +164,6 @@ class Scheduler:
             if req.prefilling and budget[req.rank] > 0:
                 step.prefill_tokens += self._prefill_chunk(req, inputs[req.rank], budget)
                 chosen.append(req)
-        admitted: list[Request] = []
         # admission by use: each rank's expected growth, summed once per step, not per candidate
         self._growth = ([self.estimated_growth(r) for r in range(self.ep_size)]
                         if self.config.admission == "use" and self.waiting else [0] * self.ep_size)
@@ -177,11 +178,8 @@ class Scheduler:
             if not self._admit(req, rank, match, budget):
                 blocked.add(rank)
                 continue
-            admitted.append(req)
             step.prefill_tokens += self._prefill_chunk(req, inputs[rank], budget)
             chosen.append(req)
-        for req in admitted:
-            self.waiting.remove(req)
         self.admission_stats.peak_running = max(self.admission_stats.peak_running, len(self.running))
         return step
 
@@ -347,6 +345,9 @@ class Scheduler:
         self.reserved[rank] += req.reserved
         req.status = Status.RUNNING
         req.admitted_at = time.monotonic()
+        # out of the queue before it counts as running: queue_full(), read from the serving thread
+        # while this runs, must never count a request twice (it refused bursts below the limit)
+        self.waiting.remove(req)
         self.running[req.request_id] = req
         return True
 

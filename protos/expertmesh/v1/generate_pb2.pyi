@@ -209,7 +209,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaLoad(_message.Message):
-    __slots__ = ("replica_id", "address", "healthy", "running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage", "cache_hit_rate", "prompt_tokens_total", "cached_tokens_total", "max_waiting", "kv_reserved_tokens", "retractions_total", "recomputed_tokens_total", "admission", "group_state", "group_rebuilds_total")
+    __slots__ = ("replica_id", "address", "healthy", "running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage", "cache_hit_rate", "prompt_tokens_total", "cached_tokens_total", "max_waiting", "kv_reserved_tokens", "retractions_total", "recomputed_tokens_total", "admission", "group_state", "group_rebuilds_total", "max_running")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class ReplicaLoad(_message.Message):
     ADMISSION_FIELD_NUMBER: _ClassVar[int]
     GROUP_STATE_FIELD_NUMBER: _ClassVar[int]
     GROUP_REBUILDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     address: str
     healthy: bool
@@ -246,7 +247,8 @@ class ReplicaLoad(_message.Message):
     admission: str
     group_state: str
     group_rebuilds_total: int
-    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_reserved_tokens: _Optional[int] = ..., retractions_total: _Optional[int] = ..., recomputed_tokens_total: _Optional[int] = ..., admission: _Optional[str] = ..., group_state: _Optional[str] = ..., group_rebuilds_total: _Optional[int] = ...) -> None: ...
+    max_running: int
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., max_waiting: _Optional[int] = ..., kv_reserved_tokens: _Optional[int] = ..., retractions_total: _Optional[int] = ..., recomputed_tokens_total: _Optional[int] = ..., admission: _Optional[str] = ..., group_state: _Optional[str] = ..., group_rebuilds_total: _Optional[int] = ..., max_running: _Optional[int] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
     __slots__ = ("replicas", "policy")
