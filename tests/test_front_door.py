@@ -127,66 +127,75 @@ def test_out_of_range_sampling_is_refused_naming_the_field(env, sampling, field)
     assert r.status_code == 400 and r.json()["error"]["param"] == http_field, r.text[:300]
 
 
+OVERLOAD_BURSTS, OVERLOAD_CONCURRENCY, MAX_RUNNING, MAX_WAITING = 3, 200, 32, 4
+
+
 def test_overload_is_refused_fast_and_fills_every_running_slot(tiny_ckpt):
-    """200 concurrent requests against 32 running slots and a 4-deep queue: the burst fills the
-    running slots before anything is refused, refusals come back fast, and every admitted request
-    finishes."""
-    import asyncio
+    """200 concurrent requests against 32 running slots and a 4-deep queue, the client and the
+    router each in a process of its own (as a user's client is), the replica (the real tiny
+    engine) here so its running count can be watched: the burst fills every running slot before
+    anything is refused, refusals come from the router's door (it knows the replica's slots and
+    queue from GetLoad and counts what it sent there), fast, and every admitted request finishes."""
+    import json
+    import subprocess
+    import sys
 
-    from grpc import aio
-
-    from expertmesh.v1 import generate_pb2, generate_pb2_grpc
+    from expertmesh.cluster.devtools.overload import pct
 
     lt = LoopThread()
-    engine = real_engine(tiny_ckpt, kv_tokens=8192, max_waiting=4, max_running=32)
+    engine = real_engine(tiny_ckpt, kv_tokens=8192, max_waiting=MAX_WAITING, max_running=MAX_RUNNING)
     replica = start_replica(lt, engine, tiny_ckpt, replica_id="r0")
-    router = start_router(lt, [f"r0={replica.address}"])
-    peak = [0]
+    tool = [sys.executable, "-m", "expertmesh.cluster.devtools.overload"]
+    router = subprocess.Popen(tool + ["router", f"r0={replica.address}"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    peak, running = [0], [True]
 
-    async def burst() -> tuple[list[float], list[float], int]:
-        refused, served, other = [], [], 0
-        async with aio.insecure_channel(router.grpc_address) as ch:
-            stub = generate_pb2_grpc.GenerationStub(ch)
-            await stub.ListModels(generate_pb2.ListModelsRequest(), timeout=30)
+    def watch() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], engine.load().running)
+            time.sleep(0.002)
 
-            async def one(i: int) -> None:
-                nonlocal other
-                req = generate_pb2.GenerateRequest(sampling=generate_pb2.SamplingParams(max_tokens=8, ignore_eos=True))
-                req.token_ids.ids.extend([0, 5 + i % 50, 6])
-                t0 = time.monotonic()
-                try:
-                    n = sum([len(m.token_ids) async for m in stub.Generate(req, timeout=120)])
-                    assert n == 8
-                    served.append(time.monotonic() - t0)
-                except aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        refused.append(time.monotonic() - t0)
-                    else:
-                        other += 1
-
-            async def watch() -> None:
-                while True:
-                    peak[0] = max(peak[0], engine.load().running)
-                    await asyncio.sleep(0.005)
-
-            watcher = asyncio.get_running_loop().create_task(watch())
-            await asyncio.gather(*(one(i) for i in range(200)))
-            watcher.cancel()
-        return refused, served, other
-
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
-        refused, served, other = asyncio.run(burst())
+        address = router.stdout.readline().strip()
+        assert address, "the router process did not start"
+        client = subprocess.run(tool + ["client", address, "--bursts", str(OVERLOAD_BURSTS), "--concurrency",
+                                        str(OVERLOAD_CONCURRENCY), "--max-tokens", "8"],
+                                capture_output=True, text=True, timeout=240)
+        assert client.returncode == 0, client.stderr[-2000:]
+        bursts = [json.loads(line) for line in client.stdout.splitlines() if line.startswith("{")]
     finally:
-        lt.run(router.stop(0))
+        running[0] = False
+        router.stdin.close()
+        try:
+            router.wait(15)
+        except subprocess.TimeoutExpired:
+            router.kill()
+            router.wait(5)
+        watcher.join(5)
         lt.run(replica.stop(0))
         engine.shutdown()
         lt.close()
-    refused.sort()
-    print(f"\noverload: {len(served)} served, {len(refused)} refused (p50 {refused[len(refused) // 2] * 1000:.0f} ms, "
-          f"p99 {p99(refused) * 1000:.0f} ms), peak running {peak[0]} of 32")
-    assert other == 0 and len(served) + len(refused) == 200
-    assert len(served) >= 32 and peak[0] == 32  # every running slot filled before the queue counted as full
-    assert p99(refused) < 1.0  # generous (goal 50 ms; this shared 2-core machine is noisy)
+    assert len(bursts) == OVERLOAD_BURSTS
+    refused = [x for b in bursts for x in b["refused"]]
+    p50, p99 = pct(refused, 0.5), pct(refused, 0.99)
+    print(f"\noverload, {OVERLOAD_BURSTS} bursts of {OVERLOAD_CONCURRENCY}: served {[len(b['served']) for b in bursts]}, "
+          f"refused at the door {[b['at_router'] for b in bursts]}, by the replica {[b['by_replica'] for b in bursts]}; "
+          f"refusal p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; peak running {peak[0]} of {MAX_RUNNING}")
+    for b in bursts:
+        assert b["other"] == [] and b["short"] == 0, b["other"][:3]  # every admitted request finished, whole
+        assert len(b["served"]) + len(b["refused"]) == OVERLOAD_CONCURRENCY
+        assert len(b["served"]) >= MAX_RUNNING
+    assert peak[0] == MAX_RUNNING  # every running slot filled before the queue counted as full
+    # the router's door refuses, not the replica (whose refusal waits for its busy event loop)
+    assert sum(b["at_router"] for b in bursts) >= 0.9 * len(refused)
+    # Goal 50 ms p99. Here 200 concurrent ListModels calls alone take 30-110 ms p99 (grpc's
+    # per-call cost: the server accepts calls one at a time, and client, router and replica share
+    # 2 cores with whatever else runs), and refusals 95-135 ms; so a generous bound, on the median
+    # burst (a burst that a neighbour's CPU spike lands on says nothing of the router).
+    per_burst = sorted(pct(b["refused"], 0.99) for b in bursts)
+    assert per_burst[len(per_burst) // 2] <= 0.25, (p50, p99, per_burst)
 
 
 @pytest.mark.parametrize("path, body, message, param", [

@@ -24,7 +24,7 @@ from expertmesh.cluster.router.reasoning import ReasoningParser
 from expertmesh.cluster.router.errors import RouterError
 from expertmesh.cluster.router.frontend import PreparedRequest
 from expertmesh.cluster.router.policies import RoutingPolicy
-from expertmesh.cluster.router.replicas import Replica, ReplicaSet
+from expertmesh.cluster.router.replicas import Admission, Replica, ReplicaSet
 from opentelemetry import trace
 
 from expertmesh.v1 import engine_pb2, generate_pb2
@@ -84,11 +84,18 @@ class Dispatcher:
         if self.replicas.saturated():
             raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, "all replicas are at their queue limit; retry later")
 
+    def admit(self) -> Admission | None:
+        """The door: None when every replica is known to be full (refuse now, before any work);
+        else a ticket holding the request's place until it is sent (pass it to `stream`) or the
+        caller releases it."""
+        return None if self.replicas.saturated() else self.replicas.admit()
+
     async def stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None = None,
-                     metadata: tuple[tuple[str, str], ...] = (), trace_parent=None) -> AsyncIterator[Delta]:
+                     metadata: tuple[tuple[str, str], ...] = (), trace_parent=None,
+                     admission: Admission | None = None) -> AsyncIterator[Delta]:
         """Deltas of one request; raises RouterError. `timeout` is the time left for the whole call."""
         parser = ReasoningParser(starts_in_reasoning=prepared.starts_in_reasoning) if prepared.split_reasoning else None
-        upstream = self._engine_stream(prepared, request_id, timeout, metadata, trace_parent)
+        upstream = self._engine_stream(prepared, request_id, timeout, metadata, trace_parent, admission)
         async with aclosing(upstream):  # closing this stream must cancel the replica call now
             async for msg, replica in upstream:
                 text, reasoning = msg.text, ""
@@ -102,13 +109,16 @@ class Dispatcher:
                             msg.prompt_tokens, msg.completion_tokens, msg.cached_tokens, replica.replica_id)
 
     async def _engine_stream(self, prepared: PreparedRequest, request_id: str, timeout: float | None,
-                             metadata: tuple[tuple[str, str], ...], trace_parent=None):
+                             metadata: tuple[tuple[str, str], ...], trace_parent=None,
+                             admission: Admission | None = None):
         """The replica's messages for one request, across replicas: a refusal before the first token
         tries the next replica; a replica (or rank) that fails under the request hands it to a healthy
         one, resumed from the prompt plus the tokens already streamed (the replica continues with the
         sampling state of that step, so greedy and seeded streams continue exactly as they would
-        have), waiting for a replica to come back within the request's deadline if none is left."""
-        self.check_admission()
+        have), waiting for a replica to come back within the request's deadline if none is left.
+        With an `admission` the door has let the request in already (its place is counted)."""
+        if admission is None:
+            self.check_admission()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         request = engine_pb2.EngineGenerateRequest(request_id=request_id, prompt_token_ids=prepared.prompt_token_ids,
@@ -132,6 +142,7 @@ class Dispatcher:
                     candidates = [r for r in self.replicas.available() if r.replica_id not in tried]
                 if not candidates:
                     break
+            candidates = self.replicas.with_room(candidates)  # a full replica would only refuse
             with trace.get_tracer("expertmesh.router").start_as_current_span("route", context=trace_parent) as span:
                 replica: Replica = self.policy.select(prepared.prompt_token_ids, candidates)  # type: ignore[assignment]
                 span.set_attribute("expertmesh.replica_id", replica.replica_id)
@@ -144,6 +155,8 @@ class Dispatcher:
                 raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before a replica answered")
             call = replica.stub.Generate(request, timeout=left, metadata=(("x-request-id", request_id), *metadata))
             self.replicas.request_started(replica)
+            if admission is not None:
+                admission.placed()  # now counted in the replica's inflight
             got_any = False
             failure: str | None = None
             freed = True  # whether the replica had taken the request (its end frees a slot)

@@ -103,6 +103,21 @@ class Replica:
     def saturated(self, ttl_s: float, now: float) -> bool:
         return self.saturated_since is not None and now - self.saturated_since < ttl_s
 
+    @property
+    def capacity(self) -> int:
+        """Requests the replica holds before it refuses (running slots + queue), as it reports
+        them; 0: unknown or unlimited."""
+        load = self.load
+        return load.max_running + load.max_waiting if load.max_running and load.max_waiting else 0
+
+    def room(self, ttl_s: float, now: float) -> int | None:
+        """Requests this router may still send before the replica refuses; None: no known bound.
+        Counts this router's own requests there: other routers' show up as refusals."""
+        if self.saturated(ttl_s, now):
+            return 0
+        cap = self.capacity
+        return None if not cap else max(0, cap - self.inflight)
+
     def snapshot(self) -> generate_pb2.ReplicaLoad:
         out = generate_pb2.ReplicaLoad()
         out.CopyFrom(self.load)
@@ -111,6 +126,25 @@ class Replica:
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
+
+
+class Admission:
+    """One request let in at the door, counted in `ReplicaSet.admitting` until it is sent to a
+    replica (`placed`) or ends without (`release`); both idempotent."""
+
+    __slots__ = ("_replicas", "_held")
+
+    def __init__(self, replicas: "ReplicaSet") -> None:
+        self._replicas = replicas
+        self._held = True
+        replicas.admitting += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._replicas.admitting -= 1
+
+    placed = release
 
 
 class ReplicaSet:
@@ -132,6 +166,9 @@ class ReplicaSet:
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task] = set()  # the loop keeps only weak references
+        # Requests let in at the door (Admission) and not yet sent to a replica: they count
+        # against the replicas' room, so a burst cannot all pass the door before the first lands.
+        self.admitting = 0
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -201,11 +238,29 @@ class ReplicaSet:
         replica.saturated_since = time.monotonic()
 
     def saturated(self) -> bool:
-        """Every replica in rotation refused for a full queue lately and none has freed a slot
-        since: a new request can be refused here at once, without asking one."""
+        """No replica in rotation has room: each refused for a full queue lately (and has freed no
+        slot since) or holds its reported capacity of this router's requests, counting those let
+        in at the door and not yet sent. A new request can be refused here at once, without
+        asking a replica (whose refusal waits for its busy event loop)."""
         now = time.monotonic()
-        replicas = self.available()
-        return bool(replicas) and all(r.saturated(self.saturation_ttl_s, now) for r in replicas)
+        room = 0
+        replicas = [r for r in self.replicas.values() if r.in_rotation]
+        for r in replicas:
+            free = r.room(self.saturation_ttl_s, now)
+            if free is None:
+                return False
+            room += free
+        return bool(replicas) and room <= self.admitting
+
+    def with_room(self, replicas: list[Replica]) -> list[Replica]:
+        """Those of `replicas` not known to be full (all of them when none has room)."""
+        now = time.monotonic()
+        roomy = [r for r in replicas if r.room(self.saturation_ttl_s, now) != 0]
+        return roomy or replicas
+
+    def admit(self) -> "Admission":
+        """Let one request in at the door (the caller checked `saturated()`)."""
+        return Admission(self)
 
     def report_unavailable(self, replica: Replica, reason: str) -> None:
         replica.mark_down(reason)

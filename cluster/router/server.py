@@ -40,6 +40,7 @@ def _tracer():
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 PASSTHROUGH_METADATA = ("traceparent", "tracestate")
+OVERLOADED = "all replicas are at their queue limit; retry later"
 
 
 def request_id_of(context: aio.ServicerContext) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -67,19 +68,31 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         return left if self.default_timeout_s is None else min(left, self.default_timeout_s)
 
     async def _respond(self, prepare, request, context: aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        rid, forward = request_id_of(context)
-        try:
-            self.frontend.limits.check_request_id(rid)
-        except RouterError as exc:  # not echoed back: the id is what is wrong
-            await context.abort(exc.code, exc.message)
-        rid = rid or uuid.uuid4().hex
-        try:  # overload: refused before any work (no parsing of the prompt, no span, no replica call)
-            self.dispatcher.check_admission()
-        except RouterError as exc:  # a status, not abort(): no exception through the stream layers
-            context.set_trailing_metadata((("x-request-id", rid),))
-            context.set_code(exc.code)
-            context.set_details(exc.message)
+        # Overload first: a refusal is the first thing decided, before any other work (no request
+        # id check, no parsing of the prompt, no span, no replica call), and answered with a status
+        # rather than abort() (no exception through the stream layers).
+        admission = self.dispatcher.admit()
+        if admission is None:
+            rid = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), "")
+            ok = isinstance(rid, str) and 0 < len(rid) <= self.frontend.limits.request_id_chars
+            context.set_trailing_metadata((("x-request-id", rid if ok else uuid.uuid4().hex),))
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(OVERLOADED)
             return
+        try:
+            rid, forward = request_id_of(context)
+            try:
+                self.frontend.limits.check_request_id(rid)
+            except RouterError as exc:  # not echoed back: the id is what is wrong
+                await context.abort(exc.code, exc.message)
+            rid = rid or uuid.uuid4().hex
+            async for msg in self._serve(prepare, request, context, rid, forward, admission):
+                yield msg
+        finally:
+            admission.release()  # no-op once the request reached a replica
+
+    async def _serve(self, prepare, request, context: aio.ServicerContext, rid: str,
+                     forward: tuple[tuple[str, str], ...], admission) -> AsyncIterator[generate_pb2.GenerateResponse]:
         await context.send_initial_metadata((("x-request-id", rid),))
         model = self.frontend.model_name
         replica_id = ""
@@ -95,7 +108,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             prepared: PreparedRequest = await self.frontend.prepare_async(prepare, request)
             # An engine id of our own: a client's x-request-id need not be unique.
             engine_rid = f"{rid}-{uuid.uuid4().hex[:8]}"
-            stream = self.dispatcher.stream(prepared, engine_rid, self._timeout(context), forward, trace_parent=here)
+            stream = self.dispatcher.stream(prepared, engine_rid, self._timeout(context), forward, trace_parent=here,
+                                            admission=admission)
             async with aclosing(stream):
                 async for d in stream:
                     if stream_span is None:
