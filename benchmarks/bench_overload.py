@@ -84,6 +84,8 @@ def main() -> None:
     p.add_argument("--max-waiting", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--bursts", type=int, default=5)
+    p.add_argument("--second-after", type=float, default=1.0,
+                   help="a second burst this long after each (all slots still held): refusals at the door alone")
     p.add_argument("--profile", default=None, help="py-spy the router during the bursts; write its output here")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -112,7 +114,8 @@ def main() -> None:
         runs, router_cpu = [], 0.0
         for _ in range(args.bursts):
             c0 = cpu_seconds(procs[1].pid)
-            runs.append(asyncio.run(burst(address, args.concurrency, args.max_tokens)))
+            runs.append(asyncio.run(burst(address, args.concurrency, args.max_tokens,
+                                          second_after_s=args.second_after)))
             router_cpu += cpu_seconds(procs[1].pid) - c0
             time.sleep(0.5)
     finally:
@@ -133,6 +136,9 @@ def main() -> None:
            "refusal_p50_ms": round(1000 * pct(refused, 0.5), 1), "refusal_p99_ms": round(1000 * pct(refused, 0.99), 1),
            "refusal_max_ms": round(1000 * max(refused, default=float("nan")), 1),
            "burst_p99_ms": [round(1000 * pct(r["refused"], 0.99), 1) for r in runs],
+           "while_full_p50_ms": round(1000 * pct([x for r in runs for x in r["refused_while_full"]], 0.5), 1),
+           "while_full_p99_ms": round(1000 * pct([x for r in runs for x in r["refused_while_full"]], 0.99), 1),
+           "while_full_refused": sum(len(r["refused_while_full"]) for r in runs),
            "list_models_p50_ms": round(1000 * pct(floor, 0.5), 1), "list_models_p99_ms": round(1000 * pct(floor, 0.99), 1),
            "router_cpu_ms_per_request": round(1000 * router_cpu / (args.bursts * args.concurrency), 3),
            "served_p50_ms": round(1000 * statistics.median([x for r in runs for x in r["served"]] or [0]), 1),

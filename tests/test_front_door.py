@@ -161,7 +161,7 @@ def test_overload_is_refused_fast_and_fills_every_running_slot(tiny_ckpt):
         address = router.stdout.readline().strip()
         assert address, "the router process did not start"
         client = subprocess.run(tool + ["client", address, "--bursts", str(OVERLOAD_BURSTS), "--concurrency",
-                                        str(OVERLOAD_CONCURRENCY), "--max-tokens", "8"],
+                                        str(OVERLOAD_CONCURRENCY), "--max-tokens", "8", "--second-after", "0.3"],
                                 capture_output=True, text=True, timeout=240)
         assert client.returncode == 0, client.stderr[-2000:]
         bursts = [json.loads(line) for line in client.stdout.splitlines() if line.startswith("{")]
@@ -180,16 +180,21 @@ def test_overload_is_refused_fast_and_fills_every_running_slot(tiny_ckpt):
     assert len(bursts) == OVERLOAD_BURSTS
     refused = [x for b in bursts for x in b["refused"]]
     p50, p99 = pct(refused, 0.5), pct(refused, 0.99)
+    while_full = [x for b in bursts for x in b["refused_while_full"]]
     print(f"\noverload, {OVERLOAD_BURSTS} bursts of {OVERLOAD_CONCURRENCY}: served {[len(b['served']) for b in bursts]}, "
           f"refused at the door {[b['at_router'] for b in bursts]}, by the replica {[b['by_replica'] for b in bursts]}; "
-          f"refusal p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; peak running {peak[0]} of {MAX_RUNNING}")
+          f"refusal p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; a second burst while every slot is held: "
+          f"{len(while_full)} refused, p50 {pct(while_full, 0.5) * 1000:.0f} ms, p99 {pct(while_full, 0.99) * 1000:.0f} ms; "
+          f"peak running {peak[0]} of {MAX_RUNNING}")
     for b in bursts:
         assert b["other"] == [] and b["short"] == 0, b["other"][:3]  # every admitted request finished, whole
         assert len(b["served"]) + len(b["refused"]) == OVERLOAD_CONCURRENCY
+        assert b["served_second"] + len(b["refused_while_full"]) == OVERLOAD_CONCURRENCY
         assert len(b["served"]) >= MAX_RUNNING
     assert peak[0] == MAX_RUNNING  # every running slot filled before the queue counted as full
     # the router's door refuses, not the replica (whose refusal waits for its busy event loop)
-    assert sum(b["at_router"] for b in bursts) >= 0.9 * len(refused)
+    # (before, 2-51 refusals a burst came from the replica; a stray one may race a probe)
+    assert sum(b["by_replica"] for b in bursts) <= OVERLOAD_BURSTS
     # Goal 50 ms p99. Here 200 concurrent ListModels calls alone take 30-110 ms p99 (grpc's
     # per-call cost: the server accepts calls one at a time, and client, router and replica share
     # 2 cores with whatever else runs), and refusals 95-135 ms; so a generous bound, on the median

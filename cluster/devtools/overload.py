@@ -11,7 +11,8 @@ refusal also pays for the other side's GIL. `tests/test_front_door.py` and
 The client prints one JSON object per burst: seconds to each refusal (`refused`, RESOURCE_EXHAUSTED)
 and to each served request's end (`served`), refusals by the router's door (`at_router`, "retry
 later") and by a replica (`by_replica`), served requests that came back short (`short`) and any
-other status (`other`).
+other status (`other`); with `--second-after S`, also the refusals of a second burst sent S
+seconds later, while the first still holds every slot (`refused_while_full`, `served_second`).
 """
 from __future__ import annotations
 
@@ -25,15 +26,19 @@ DOOR_REFUSAL = "retry later"  # the router's own refusal says so; a replica's do
 
 
 async def burst(address: str, concurrency: int, max_tokens: int, timeout_s: float = 120.0,
-                list_models: bool = False) -> dict:
+                list_models: bool = False, second_after_s: float | None = None) -> dict:
     """One burst of `concurrency` calls at once on one channel. `list_models`: ListModels calls
-    instead (grpc's own per-call cost, the floor under any refusal), timed as `served`."""
+    instead (grpc's own per-call cost, the floor under any refusal), timed as `served`.
+    `second_after_s`: that long after the burst, a second one of the same size, while the first's
+    admitted requests still hold every slot: its refusals (`refused_while_full`) cost the router
+    only the door, with no admitted request's work beside them."""
     import grpc
     from grpc import aio
 
     from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
-    out: dict = {"refused": [], "served": [], "other": [], "at_router": 0, "by_replica": 0, "short": 0}
+    out: dict = {"refused": [], "served": [], "other": [], "at_router": 0, "by_replica": 0, "short": 0,
+                 "refused_while_full": [], "served_second": 0}
     async with aio.insecure_channel(address) as ch:
         stub = generate_pb2_grpc.GenerationStub(ch)
         await stub.ListModels(generate_pb2.ListModelsRequest(), timeout=30)  # connected before timing
@@ -44,7 +49,7 @@ async def burst(address: str, concurrency: int, max_tokens: int, timeout_s: floa
             req.token_ids.ids.extend([0, 5 + i % 50, 6])
             requests.append(req)
 
-        async def one(req: generate_pb2.GenerateRequest) -> None:
+        async def one(req: generate_pb2.GenerateRequest, second: bool = False) -> None:
             t0 = time.monotonic()
             if list_models:
                 await stub.ListModels(generate_pb2.ListModelsRequest(), timeout=timeout_s)
@@ -54,16 +59,24 @@ async def burst(address: str, concurrency: int, max_tokens: int, timeout_s: floa
                 n = 0
                 async for msg in stub.Generate(req, timeout=timeout_s):
                     n += len(msg.token_ids)
-                out["served"].append(time.monotonic() - t0)
+                if second:  # a slot had freed already (a fast engine): not part of the first burst
+                    out["served_second"] += 1
+                else:
+                    out["served"].append(time.monotonic() - t0)
                 out["short"] += n != max_tokens
             except aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    out["refused"].append(time.monotonic() - t0)
+                    out["refused_while_full" if second else "refused"].append(time.monotonic() - t0)
                     out["at_router" if DOOR_REFUSAL in (exc.details() or "") else "by_replica"] += 1
                 else:
                     out["other"].append(f"{exc.code().name}: {exc.details()}")
 
-        await asyncio.gather(*(one(r) for r in requests))
+        async def second_wave() -> None:
+            if second_after_s is not None:
+                await asyncio.sleep(second_after_s)
+                await asyncio.gather(*(one(r, second=True) for r in requests))
+
+        await asyncio.gather(second_wave(), *(one(r) for r in requests))
     return out
 
 
@@ -98,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--warm", type=int, default=8, help="requests sent once before the bursts (0: none)")
     c.add_argument("--pause", type=float, default=0.5, help="seconds between bursts")
     c.add_argument("--list-models", action="store_true", help="ListModels calls instead: the floor")
+    c.add_argument("--second-after", type=float, default=None, help="a second burst this long after each")
     args = p.parse_args(argv)
     if args.cmd == "router":
         asyncio.run(serve_router(args.replicas, args.probe_interval))
@@ -107,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(args.bursts):
         if i:
             time.sleep(args.pause)
-        out = asyncio.run(burst(args.address, args.concurrency, args.max_tokens, list_models=args.list_models))
+        out = asyncio.run(burst(args.address, args.concurrency, args.max_tokens, list_models=args.list_models,
+                                second_after_s=args.second_after))
         print(json.dumps(out), flush=True)
 
 
