@@ -245,6 +245,41 @@ def test_registry_watcher_syncs_replica_set(lt):
     assert lt.run(scenario()) == (["r1"], ["r2"], ["r1"])
 
 
+def test_the_door_counts_each_replicas_slots_and_queue(lt):
+    """The router refuses at its door once every replica holds its reported running slots + queue
+    of this router's requests, counting those let in and not yet sent; routing skips a full replica;
+    a replica that reports no bound never makes the door refuse."""
+    async def scenario():
+        rs = ReplicaSet()
+        rs.sync([ReplicaEndpoint("a", "127.0.0.1:9"), ReplicaEndpoint("b", "127.0.0.1:10")])
+        a, b = rs.get("a"), rs.get("b")
+        a.load = generate_pb2.ReplicaLoad(max_running=2, max_waiting=1)  # room for 3
+        b.load = generate_pb2.ReplicaLoad(max_running=1, max_waiting=1)  # room for 2
+        seen = []
+        tickets = [rs.admit() for _ in range(4)]  # let in, not sent yet: 4 of 5 places
+        seen.append(rs.saturated())
+        tickets.append(rs.admit())
+        seen.append(rs.saturated())  # 5 of 5
+        for t in tickets[:3]:  # three land on a
+            rs.request_started(a)
+            t.placed()
+            t.release()  # idempotent
+        seen.append((rs.admitting, rs.saturated(), [r.replica_id for r in rs.with_room([a, b])]))
+        rs.request_ended(a)  # one of a's ends: a place frees
+        seen.append(rs.saturated())
+        for t in tickets[3:]:
+            t.release()  # never sent (refused later, cancelled)
+        seen.append(rs.admitting)
+        b.load = generate_pb2.ReplicaLoad(max_waiting=0)  # b reports no bound: never full at the door
+        for _ in range(2):
+            rs.request_started(a)
+        seen.append((rs.saturated(), [r.replica_id for r in rs.with_room([a, b])]))
+        await rs.stop()
+        return seen
+
+    assert lt.run(scenario()) == [False, True, (2, True, ["b"]), False, 0, (False, ["b"])]
+
+
 # ---- CLI ---------------------------------------------------------------------------------------------
 def test_cli_generate_and_chat(lt, tiny_ckpt, cleanup):
     _, rep = _replica(lt, tiny_ckpt, cleanup, "cli", script=REASONING + "</think>" + ANSWER)
