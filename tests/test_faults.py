@@ -128,9 +128,11 @@ def test_kill_rank_then_replica_loses_no_request_and_no_token(app):
         # 2. kill -9 one EngineReplica process (the other one), while it holds requests
         victim = next(e for e in entries() if e["replica_id"] != victim["replica_id"])
 
-        def victim_busy() -> bool:
-            with GenerationClient(app, timeout=10) as c:
-                return any(r.replica_id == victim["replica_id"] and r.running > 0 for r in c.load().replicas)
+        from ray import serve
+
+        def victim_busy() -> bool:  # the router's own count, not a probe's report up to 0.5 s old
+            status = serve.get_app_handle(APP).status.remote().result(timeout_s=30)
+            return status["inflight"].get(victim["replica_id"], 0) >= 2
 
         wait_for(victim_busy, 60, "the victim replica to hold requests")
         t_kill = time.monotonic()

@@ -46,6 +46,8 @@ class Router:
             "http": self.server.http_address if self.server.http_port else None,
             "started": self._start.done() and self._start.exception() is None,
             "replicas": [r.replica_id for r in self.server.replicas.available()],
+            # this router's requests at each replica now (exact, not the last probe's report)
+            "inflight": {r.replica_id: r.inflight for r in self.server.replicas.replicas.values()},
             "replica_failures": self.server.dispatcher.failures_total,
             "resumed_requests": self.server.dispatcher.resumed_total,
         }
