@@ -295,7 +295,7 @@ def moe_timing(entry: dict, ckpt: Path, device: str, token_counts, reps: int) ->
             # the GEMM rate the same pairs would get as one dense GEMM (weights reused)
             big1 = torch.randn(t * k, h, device=device, dtype=torch.bfloat16, generator=gen)
             big2 = torch.randn(t * k, inter, device=device, dtype=torch.bfloat16, generator=gen)
-            w13, w2 = moe.experts.w13[0], moe.experts.w2[0]
+            w13, w2 = moe.experts.dequantized(0)  # dense (prepacked weights unpacked)
             s = timeit(lambda: (F.linear(big1, w13), F.linear(big2, w2)), device, reps)
             row["dense_gemm_same_pairs_gflops"] = 2 * 3 * h * inter * t * k / s / 1e9
             row["routed_over_dense"] = row["routed_gflops"] / row["dense_gemm_same_pairs_gflops"]

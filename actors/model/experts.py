@@ -63,8 +63,11 @@ class ExpertWeights(nn.Module):
         self.w1_scale_inv, self.w3_scale_inv, self.w2_scale_inv = grid(inter, h), grid(inter, h), grid(h, inter)
 
     def dequantized(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local slot e's (w13, w2) in the compute dtype: the dense weights, or a transient
-        dequantization of the FP8 ones (the same values dequantize-at-load gives)."""
+        """Local slot e's (w13, w2) in the compute dtype: the dense weights (unpacked where they
+        were prepacked), or a transient dequantization of the FP8 ones (the same values
+        dequantize-at-load gives)."""
+        if self.packed is not None:
+            return self.packed[0][e].to_dense(), self.packed[1][e].to_dense()
         if self.fp8_block is None:
             return self.w13[e], self.w2[e]
         inter, block, dtype = self.intermediate, self.fp8_block, self.compute_dtype
@@ -115,10 +118,7 @@ class ExpertWeights(nn.Module):
             parts = [self.w13[i].reshape(-1).view(torch.uint8), self.w2[i].reshape(-1).view(torch.uint8)]
             parts += [s[i].reshape(-1).view(torch.uint8) for s in self._fp8_scales()]
             return torch.cat(parts)
-        if self.packed is not None:
-            w13, w2 = self.packed[0][i].to_dense(), self.packed[1][i].to_dense()
-        else:
-            w13, w2 = self.w13[i], self.w2[i]
+        w13, w2 = self.dequantized(i)
         return torch.cat([w13.reshape(-1), w2.reshape(-1)])
 
     @classmethod
