@@ -148,8 +148,14 @@ def test_fast_e4m3_conversion_is_exact():
     """Every e4m3 value but NaN (0x7f, 0xff), via the CPU bit path, equals torch's own conversion."""
     every = torch.arange(256, dtype=torch.uint8)
     every = every[(every & 0x7F) != 0x7F].view(torch.float8_e4m3fn)
-    assert torch.equal(fp8_mod._e4m3_to_float(every), every.float())
+    assert torch.equal(fp8_mod._e4m3_scaled_bits(every).float() * 2.0 ** 120, every.float())
     w = (torch.randn(300, 200) * 40).to(torch.float8_e4m3fn)
     s = torch.rand(3, 2)
     ref = w.float() * s.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
     assert torch.equal(dequantize_fp8(w, s), ref)
+    big = torch.full((3, 2), 300.0)  # s x 2^120 would overflow: the plain conversion is used
+    ref = w.float() * big.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+    assert torch.equal(dequantize_fp8(w, big), ref)
+    aligned = (torch.randn(256, 128) * 40).to(torch.float8_e4m3fn)
+    s2 = torch.rand(2, 1) * 1e-3
+    assert torch.equal(dequantize_fp8(aligned, s2), aligned.float() * s2.repeat_interleave(128, 0))
