@@ -159,3 +159,15 @@ def test_fast_e4m3_conversion_is_exact():
     aligned = (torch.randn(256, 128) * 40).to(torch.float8_e4m3fn)
     s2 = torch.rand(2, 1) * 1e-3
     assert torch.equal(dequantize_fp8(aligned, s2), aligned.float() * s2.repeat_interleave(128, 0))
+
+
+def test_a_non_e4m3_weight_is_refused_not_converted(tiny_fp8_ckpt):
+    """An e5m2 tensor copied into an e4m3 weight would be silently re-rounded: a clear error instead."""
+    from expertmesh.actors.model.fp8 import Fp8Tensor
+
+    w = _worker(tiny_fp8_ckpt, "float32", True)
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    shape = w.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.shape
+    bad = Fp8Tensor(torch.zeros(shape, dtype=torch.float8_e5m2), torch.ones(2, 2), (128, 128))
+    with pytest.raises(ValueError, match="keep_fp8: false"):
+        w.model.load_weights([(name, bad)])

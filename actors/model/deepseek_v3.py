@@ -152,6 +152,10 @@ class DeepseekV3Model(nn.Module):
                         raise ValueError(f"{name}: expected shape {tuple(dst.shape)}, got {tuple(tensor.shape)}")
                     if isinstance(tensor, Fp8Tensor):
                         if param.dtype in FP8_DTYPES:  # kept resident: the e4m3 bytes and their scales
+                            if tensor.data.dtype != param.dtype:
+                                raise ValueError(f"{name}: stored as {tensor.data.dtype}; weights kept resident "
+                                                 f"must be {param.dtype} (set model.keep_fp8: false to "
+                                                 "dequantize them at load)")
                             dst.copy_(tensor.data)
                             scale_name, scale_index = self._scale_of(target, index)
                             scale = params[scale_name]
