@@ -112,7 +112,12 @@ def get_or_create_registry(ref: RegistryRef = RegistryRef(), ttl_s: float | None
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ReplicaRegistry)
-    options: dict[str, Any] = dict(name=ref.actor_name, namespace=ref.namespace, get_if_exists=True)
+    # scheduling_strategy DEFAULT: never inside the caller's placement group. Serve replicas capture
+    # their children into theirs, so a registry first made by an EngineReplica died with that
+    # replica's group when the replica was killed, and (max_restarts -1, no group left) every
+    # router poll and replacement replica then waited on it: the killed replica never left GetLoad.
+    options: dict[str, Any] = dict(name=ref.actor_name, namespace=ref.namespace, get_if_exists=True,
+                                   scheduling_strategy="DEFAULT")
     if detached:
         options["lifetime"] = "detached"
     return actor_cls.options(**options).remote(ttl_s)
