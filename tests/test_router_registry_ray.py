@@ -96,3 +96,33 @@ def test_replica_host_registers_serves_and_drains_without_serve(ray_cluster, tin
     finally:
         ray.kill(ray.get_actor(ref.actor_name, namespace=ref.namespace))
         lt.close()
+
+
+def test_the_registry_outlives_the_placement_group_of_whoever_made_it(ray_cluster):
+    """Serve runs replicas with placement_group_capture_child_tasks: a registry made from inside
+    one must not land in (and die with) that replica's placement group."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    ref = RegistryRef(app="router-test-pg")
+
+    @ray.remote(num_cpus=0.01)
+    class Maker:  # stands in for an EngineReplica: the first to use the app's registry
+        def make(self) -> str:
+            from expertmesh.cluster.router.registry import get_or_create_registry
+
+            return ray.get(get_or_create_registry(ref).internal_token.remote())
+
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready(), timeout=60)
+    maker = Maker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        pg, placement_group_capture_child_tasks=True)).remote()
+    token = ray.get(maker.make.remote(), timeout=60)
+    ray.kill(maker)
+    remove_placement_group(pg)  # what Serve does when the replica is gone
+    registry = ray.get_actor(ref.actor_name, namespace=ref.namespace)
+    try:
+        assert ray.get(registry.internal_token.remote(), timeout=20) == token  # alive, same state
+    finally:
+        ray.kill(registry)
