@@ -94,7 +94,7 @@ def test_r1_plan_follows_from_its_config():
 def test_fp8_expert_slots_move_as_raw_bytes():
     """EPLB moves a slot as `dense_slot` bytes; an FP8 slot round-trips exactly (weights and scales)."""
     torch.manual_seed(0)
-    w = ExpertWeights(0, 3, 192, 160)
+    w = ExpertWeights(0, 3, 192, 160).to(torch.bfloat16)  # bf16 compute, as served
     w.to_fp8((128, 128))
     with torch.no_grad():
         for e in range(3):
@@ -108,12 +108,13 @@ def test_fp8_expert_slots_move_as_raw_bytes():
     rows = [w.dense_slot(i) for i in range(3)]
     assert all(r.dtype == torch.uint8 and r.numel() == w.slot_nbytes for r in rows)
     again = ExpertWeights.assemble(w, [2, 0, 1], [rows[2].clone(), 0, rows[1].clone()])
+    assert again.compute_dtype == w.compute_dtype == torch.bfloat16  # moved slots keep the compute dtype
     for j, src in enumerate([2, 0, 1]):
         for a, b in zip(again.dequantized(j), w.dequantized(src)):
             assert torch.equal(a, b)
-    x = torch.randn(5, 192)
+    x = torch.randn(5, 192, dtype=torch.bfloat16)
     assert torch.equal(again.grouped_ffn(x, [5, 0, 0]), w.grouped_ffn(x, [0, 0, 5]))
-    expect = torch.cat([dequantize_fp8(w.w13[2, :160], w.w1_scale_inv[2]), dequantize_fp8(w.w13[2, 160:], w.w3_scale_inv[2])])
+    expect = torch.cat([dequantize_fp8(w.w13[2, :160], w.w1_scale_inv[2]), dequantize_fp8(w.w13[2, 160:], w.w3_scale_inv[2])]).to(torch.bfloat16)
     assert torch.equal(again.dequantized(0)[0], expect)
 
 

@@ -92,16 +92,17 @@ class MLAttention(nn.Module):
         """kv_b_proj split per head into W_UK [heads, nope, rank] and W_UV^T [heads, rank, v], as
         contiguous bmm operands, rebuilt only when the weight changes."""
         if isinstance(self.kv_b_proj, Fp8Linear):  # FP8 resident: dequantized per step, never cached
-            w = self.kv_b_proj.dequantized().view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-            return w[:, : self.nope].contiguous(), w[:, self.nope :].transpose(1, 2).contiguous()
+            return self._split_absorbed(self.kv_b_proj.dequantized())
         weight = self.kv_b_proj.weight
         key = (weight.data_ptr(), weight._version)
         if self._absorbed_key != key or self._w_uk is None or self._w_uv_t is None:
-            w = weight.detach().view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-            self._w_uk = w[:, : self.nope].contiguous()
-            self._w_uv_t = w[:, self.nope :].transpose(1, 2).contiguous()
+            self._w_uk, self._w_uv_t = self._split_absorbed(weight.detach())
             self._absorbed_key = key
         return self._w_uk, self._w_uv_t
+
+    def _split_absorbed(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope].contiguous(), w[:, self.nope :].transpose(1, 2).contiguous()
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
         """Many sequences, one new token each, attending in the latent space (DeepSeek's absorbed

@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .fp8 import FP8_DTYPES, Fp8Tensor, convert_linears, tensor_bytes
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
-from .packed import prepack_linears
+from .packed import PackedLinear, prepack_linears
 from .rope import RotaryEmbedding
 from ..profiling import NULL_PROFILER, StepProfiler
 
@@ -103,8 +103,8 @@ class DeepseekV3Model(nn.Module):
                 out["scales"] += tensor_bytes(p)
             else:
                 out["dense"] += tensor_bytes(p)
-        for mod in self.modules():  # oneDNN-packed weights are not parameters: count their dense size
-            if hasattr(mod, "packed") and isinstance(mod.packed, torch.Tensor):
+        for mod in self.modules():  # oneDNN-packed (bf16) weights are not parameters: their dense size
+            if isinstance(mod, PackedLinear):
                 out["dense"] += mod.in_features * mod.out_features * 2
         for moe in self.moe_layers():
             if moe.experts.packed is not None:

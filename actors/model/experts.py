@@ -44,12 +44,13 @@ class ExpertWeights(nn.Module):
         self.fp8_block: tuple[int, int] | None = None
         self.compute_dtype: torch.dtype = self.w13.dtype
 
-    def to_fp8(self, block: tuple[int, int]) -> None:
+    def to_fp8(self, block: tuple[int, int], dtype: torch.dtype | None = None) -> None:
         """Holds the weights as e4m3 plus the hub's per-projection block scales (gate and up keep
         their own grids: stacked, a partial edge block would straddle them); each expert is
-        dequantized to the compute dtype only while its rows are multiplied."""
+        dequantized to the compute dtype (`dtype`, else the dense weights') only while its rows
+        are multiplied."""
         count, inter, h = self.count, self.intermediate, self.hidden
-        self.compute_dtype = self.w13.dtype
+        self.compute_dtype = dtype or self.w13.dtype
         device = self.w13.device
         self.fp8_block = tuple(block)
 
@@ -162,9 +163,8 @@ class ExpertWeights(nn.Module):
 
     @staticmethod
     def _assemble_fp8(old: "ExpertWeights", new: "ExpertWeights", parts: list[int | torch.Tensor]) -> "ExpertWeights":
-        new.compute_dtype = old.compute_dtype
         with torch.no_grad():
-            new.to_fp8(old.fp8_block)
+            new.to_fp8(old.fp8_block, old.compute_dtype)
             targets = [new.w13, new.w2, *new._fp8_scales()]
             sources = [old.w13, old.w2, *old._fp8_scales()]
             for j, part in enumerate(parts):
