@@ -46,6 +46,9 @@ class WorkerSpec:
     # (model/fp8.py); False dequantizes to `dtype` at load (2x the weight memory in bf16).
     keep_fp8: bool = True
     expert_placement: list[list[int]] | None = None
+    # Optional speed mode, off by default (model/int8.py): the lm_head as a dynamic int8 linear on
+    # CPU. Logits move ~1% relative, so tokens can differ from transformers'.
+    int8_lm_head: bool = False
 
 
 def expert_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
@@ -80,6 +83,8 @@ class ModelWorker:
         self.model.load_weights(reader.iter_weights(dtype, expert_filter=self.model.wants_expert,
                                                     keep_fp8=bool(fp8_names)))
         self.read_tensor_names = set(reader.read_names)
+        if spec.int8_lm_head:
+            self.model.int8_lm_head()
         if spec.prepack:
             self.model.prepack()
         self.mover = None

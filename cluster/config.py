@@ -100,6 +100,9 @@ class ModelSection(_Section):
     # FP8 checkpoints: keep the e4m3 weights resident and dequantize per 128x128 block inside
     # the matmul (true), or dequantize to `dtype` at load (false: 2x the weight memory).
     keep_fp8: bool = True
+    # Optional speed mode, off by default: the lm_head as a dynamic int8 linear on CPU (fbgemm),
+    # half the bytes per token; logits move ~1% relative, so tokens can differ from transformers'.
+    int8_lm_head: bool = False
     # What an unset temperature / top_p / top_k means; unset keys fall back to the checkpoint's
     # generation_config.json (R1: temperature 0.6, top_p 0.95), then to 1.0 / 1.0 / off.
     sampling_defaults: "SamplingDefaults" = Field(default_factory=lambda: SamplingDefaults())
@@ -324,6 +327,15 @@ class DeployConfig(_Section):
                 "digits and '-', starting with a letter): it names the RayService and its Kubernetes services"
             )
         return value
+
+    @model_validator(mode="after")
+    def _int8_on_cpu(self) -> "DeployConfig":
+        if self.model.int8_lm_head and self.parallel.accelerator != "cpu":
+            raise ValidationError.from_exception_data("DeployConfig", [InitErrorDetails(
+                type=PydanticCustomError("config", "is a CPU speed mode (fbgemm's int8 linear); leave it false "
+                                                   "when parallel.accelerator is 'cuda'"),
+                loc=("model", "int8_lm_head"), input=True)])
+        return self
 
     def __eq__(self, other: object) -> bool:
         # Compare the settings only, not where they were loaded from.

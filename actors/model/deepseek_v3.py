@@ -15,6 +15,7 @@ from ..kv_cache import MLAKVCache
 from .attention import MLAttention
 from .config import ModelConfig
 from .fp8 import FP8_DTYPES, Fp8Tensor, convert_linears, tensor_bytes
+from .int8 import Int8Linear
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
 from .packed import PackedLinear, prepack_linears
@@ -79,6 +80,12 @@ class DeepseekV3Model(nn.Module):
                 n += 2 * moe.experts.count
         return n
 
+    def int8_lm_head(self) -> None:
+        """The optional speed mode `model.int8_lm_head` (model/int8.py): after loading, the lm_head
+        becomes a dynamic int8 linear (half the bytes read per token); its bf16/fp32 copy is dropped
+        unless the embedding shares it."""
+        self.lm_head = Int8Linear(self.lm_head.weight)
+
     def keep_fp8(self, fp8_names: set[str], block: tuple[int, int]) -> int:
         """Before loading: every linear (and routed-expert stack) the checkpoint stores in FP8 is
         made to hold e4m3 weights and block scales instead of dense ones (model/fp8.py).
@@ -94,7 +101,8 @@ class DeepseekV3Model(nn.Module):
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident bytes of the weights this process holds, by storage: "fp8" (e4m3 weights),
-        "scales" (their fp32 block scales), "dense" (everything else, prepacked copies included)."""
+        "scales" (their fp32 block scales), "dense" (everything else, prepacked copies included), and "int8" (the int8 lm_head, when that
+        speed mode is on)."""
         out = {"fp8": 0, "scales": 0, "dense": 0}
         for name, p in self.named_parameters():
             if p.dtype in FP8_DTYPES:
@@ -106,6 +114,8 @@ class DeepseekV3Model(nn.Module):
         for mod in self.modules():  # oneDNN-packed (bf16) weights are not parameters: their dense size
             if isinstance(mod, PackedLinear):
                 out["dense"] += mod.in_features * mod.out_features * 2
+            elif isinstance(mod, Int8Linear):
+                out["int8"] = out.get("int8", 0) + mod.weight_bytes
         for moe in self.moe_layers():
             if moe.experts.packed is not None:
                 out["dense"] += moe.experts.param_count * 2

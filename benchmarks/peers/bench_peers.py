@@ -55,8 +55,10 @@ log = logging.getLogger("bench_peers")
 VENVS = HERE / ".venvs"
 WORK = HERE / ".work"
 LLAMA_SRC = WORK / "llama-src"
-LABELS = {"expertmesh": "expertmesh", "vllm": "vLLM CPU", "llama": "llama.cpp BF16", "llama-q8": "llama.cpp Q8_0"}
+LABELS = {"expertmesh": "expertmesh", "expertmesh-int8": "expertmesh int8 head", "vllm": "vLLM CPU",
+          "llama": "llama.cpp BF16", "llama-q8": "llama.cpp Q8_0"}
 PEERS = ("vllm", "llama", "llama-q8")
+OURS = ("expertmesh", "expertmesh-int8")  # the optional int8 speed mode is compared with Q8_0
 
 
 # -- checkpoints -> GGUF ------------------------------------------------------------------------------------
@@ -164,14 +166,14 @@ def close_all(engines: dict) -> None:
 class ExpertmeshLocal:
     name = "expertmesh"
 
-    def __init__(self, ckpt: Path, dtype: str, kv_tokens: int, **engine_kw):
+    def __init__(self, ckpt: Path, dtype: str, kv_tokens: int, int8_lm_head: bool = False, **engine_kw):
         from expertmesh.cluster.engine.engine import Engine, EngineConfig
         from expertmesh.cluster.engine.scheduler import SchedulerConfig
 
         t0 = time.perf_counter()
         sched = SchedulerConfig(kv_tokens_per_rank=kv_tokens, prefix_cache=True, max_running_requests=64)
         self.engine = Engine(EngineConfig(str(ckpt), dtype=dtype, ep_size=engine_kw.pop("ep_size", 1),
-                                          scheduler=sched), **engine_kw)
+                                          scheduler=sched, int8_lm_head=int8_lm_head), **engine_kw)
         self.start_s = time.perf_counter() - t0
         self.n = 0
 
@@ -238,8 +240,9 @@ def start_engines(args, ckpt: Path, data: dict) -> dict:
     errors = data.setdefault("errors", {})
     for name in args.engines:
         try:
-            if name == "expertmesh":
-                engines[name] = ExpertmeshLocal(ckpt, args.dtype, kv_tokens=args.kv_tokens)
+            if name in OURS:
+                engines[name] = ExpertmeshLocal(ckpt, args.dtype, kv_tokens=args.kv_tokens,
+                                                int8_lm_head=name == "expertmesh-int8")
             elif name == "vllm":
                 engines[name] = PeerProcess(name, "vllm", ckpt, args.dtype, args.threads, {},
                                             ["--max-seqs", str(max(64, args.batch, args.prefix_requests))],
@@ -310,11 +313,17 @@ def summarize(runs: dict, names: list[str]) -> dict:
                "ratio_median": {}, "bf16_agreement_with_expertmesh": slot.get("bf16_agreement_with_expertmesh")}
         if "expertmesh" in names:
             for n in names:
-                if n == "expertmesh":
+                if n in OURS:
                     continue
                 rs = [(a / b) if a and b else None for a, b in zip(tps["expertmesh"], tps[n])]
                 row["ratio_per_repeat"][n] = rs
                 row["ratio_median"][n] = median(rs)
+        if "expertmesh-int8" in names:  # the int8 mode against llama.cpp's Q8_0 and our own bf16
+            for n in ("llama-q8", "expertmesh"):
+                if n in names:
+                    rs = [(a / b) if a and b else None for a, b in zip(tps["expertmesh-int8"], tps[n])]
+                    row["ratio_per_repeat"][f"int8/{n}"] = rs
+                    row["ratio_median"][f"int8/{n}"] = median(rs)
         out[wname] = row
     return out
 
@@ -439,9 +448,9 @@ def run_exact(args, ckpt: Path, data: dict) -> None:
 def markdown(data: dict) -> str:
     lines = []
     peers = data.get("peers") or {}
-    names = [n for n in ("expertmesh",) + PEERS if any(n in r["out_tok_s"] for r in peers.values())]
+    names = [n for n in OURS + PEERS if any(n in r["out_tok_s"] for r in peers.values())]
     if peers:
-        others = [n for n in names if n != "expertmesh"]
+        others = [n for n in names if n not in OURS]
         lines.append("| workload | " + " | ".join(LABELS[n] for n in names) + " | "
                      + " | ".join(f"ours / {LABELS[n]}" for n in others if "expertmesh" in names) + " |")
         lines.append("|---" * (len(names) + (len(others) if "expertmesh" in names else 0) + 1) + "|")
@@ -453,6 +462,16 @@ def markdown(data: dict) -> str:
                     per = ", ".join(fmt(x) for x in r["ratio_per_repeat"].get(n, []))
                     rat.append(f"**{fmt(r['ratio_median'].get(n))}** ({per})")
             lines.append(f"| {r['title']} | " + " | ".join(cells) + " | " + " | ".join(rat) + " |")
+        int8 = [k for k in ("int8/llama-q8", "int8/expertmesh") if any(k in r["ratio_median"] for r in peers.values())]
+        if int8:
+            lines.append("")
+            lines.append("| workload (optional int8 lm_head mode) | "
+                         + " | ".join(f"int8 head / {LABELS[k[5:]]}" for k in int8) + " |")
+            lines.append("|---" * (len(int8) + 1) + "|")
+            for r in peers.values():
+                lines.append(f"| {r['title']} | " + " | ".join(
+                    f"**{fmt(r['ratio_median'].get(k))}** ("
+                    + ", ".join(fmt(x) for x in r["ratio_per_repeat"].get(k, [])) + ")" for k in int8) + " |")
         lines.append("")
         lines.append("Output tokens/s, medians over repeats; ratios: median (per repeat, same repeat's pair).")
         if "prefix" in peers:
@@ -499,7 +518,7 @@ def plot(data: dict, path: Path) -> None:
     peers = data.get("peers") or {}
     ep = (data.get("ep") or {}).get("rows") or {}
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    names = [n for n in ("expertmesh",) + PEERS if any(n in r["out_tok_s"] for r in peers.values())]
+    names = [n for n in OURS + PEERS if any(n in r["out_tok_s"] for r in peers.values())]
     ax = axes[0]
     wl = list(peers)
     width = 0.8 / max(1, len(names))
@@ -511,7 +530,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_title(f"{data['config']['preset']}, {data['config']['dtype']}, {data['config']['threads']} threads")
     ax.legend(fontsize=8)
     ax = axes[1]
-    for j, n in enumerate(x for x in names if x != "expertmesh"):
+    for j, n in enumerate(x for x in names if x not in OURS):
         for k, w in enumerate(wl):
             rs = [r for r in peers[w]["ratio_per_repeat"].get(n, []) if r]
             ax.scatter([k + (j - 1) * 0.15] * len(rs), rs, s=18, color=f"C{j + 1}",
@@ -544,7 +563,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 repeats, shorter EP phase")
     ap.add_argument("--repeats", type=int, default=None, help="default 5 (quick: 2)")
-    ap.add_argument("--engines", nargs="+", default=["expertmesh", *PEERS], choices=["expertmesh", *PEERS])
+    ap.add_argument("--engines", nargs="+", default=[*OURS, *PEERS], choices=[*OURS, *PEERS])
     ap.add_argument("--workloads", nargs="+", default=["batch1", "batch32", "prefix"],
                     choices=["batch1", "batch32", "prefix"])
     ap.add_argument("--preset", default="small")

@@ -55,6 +55,9 @@ class EngineConfig:
     # FP8 checkpoints: e4m3 weights stay resident, dequantized inside the matmul (actors/model/fp8.py);
     # False dequantizes them to `dtype` at load (twice the weight memory in bf16).
     keep_fp8: bool = True
+    # Optional speed mode, off by default: the lm_head in dynamic int8 on CPU (actors/model/int8.py);
+    # logits move ~1% relative, so tokens can differ from transformers'.
+    int8_lm_head: bool = False
 
 
 @dataclass
@@ -104,7 +107,7 @@ class Engine:
                           kv_slots=self.kv_buffer_slots, ep_rank=rank, ep_size=self.config.ep_size,
                           progress=self.config.progress, seed=self.config.seed, device=self.config.device,
                           redundant_experts=redundant_slots(self.config.eplb, self.config.ep_size),
-                          keep_fp8=self.config.keep_fp8)
+                          keep_fp8=self.config.keep_fp8, int8_lm_head=self.config.int8_lm_head)
 
     @property
     def max_sequence_tokens(self) -> int:

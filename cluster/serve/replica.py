@@ -38,7 +38,8 @@ def engine_config_from(cfg: DeployConfig):
                         device="cuda" if cfg.parallel.accelerator == "cuda" else "cpu",
                         sampling_overrides=cfg.model.sampling_defaults.model_dump(exclude_none=True),
                         default_max_tokens=s.default_max_tokens, rebuild_in_place=cfg.parallel.rebuild_in_place,
-                        eplb=EplbConfig(**cfg.eplb.model_dump()), keep_fp8=cfg.model.keep_fp8)
+                        eplb=EplbConfig(**cfg.eplb.model_dump()), keep_fp8=cfg.model.keep_fp8,
+                        int8_lm_head=cfg.model.int8_lm_head)
 
 
 def placement_from(cfg: DeployConfig, placement_group=None, first_bundle: int = 1):
