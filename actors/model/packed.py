@@ -9,6 +9,7 @@ path rounds differently and fp32 is the mode whose tokens must equal transformer
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -21,10 +22,25 @@ PACKABLE_DTYPES = (torch.bfloat16,)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """True where a packed oneDNN linear exists for this weight (CPU, bf16, oneDNN built in)."""
+    """True where a packed oneDNN linear exists for this weight (CPU, bf16, oneDNN built in, and a
+    CPU whose instructions oneDNN's bf16 packing needs: AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
     return (weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and weight.dim() == 2
             and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and _packing_runs(weight.dtype))
+
+
+@functools.cache
+def _packing_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs `dtype` on this CPU: it refuses bf16 at run time on AVX2-only CPUs
+    (many cloud VMs), so ask it once instead of reading CPU flags. Cached: the CPU cannot change."""
+    try:
+        packed_linear(torch.zeros(1, 16, dtype=dtype), pack_weight(torch.zeros(16, 16, dtype=dtype)))
+    except RuntimeError as err:
+        log.warning("oneDNN cannot pack %s linears on this CPU (%s): they stay plain F.linear, slower",
+                    dtype, str(err).splitlines()[0])
+        return False
+    return True
 
 
 def pack_weight(weight: torch.Tensor, batch_hint: int = 1) -> torch.Tensor:
