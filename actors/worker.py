@@ -16,6 +16,7 @@ from .loader import CheckpointReader
 from .forward_batch import ForwardBatch
 from .model.config import ModelConfig
 from .model.deepseek_v3 import DeepseekV3Model, build_model
+from .model.packed import native_bf16
 from .profiling import StepProfiler
 from .sampler import Sampler, SamplingState
 from .step import SampledToken, StepInput, StepOutput
@@ -76,6 +77,11 @@ class ModelWorker:
         else:
             self.expert_range = expert_range(self.config.n_routed_experts, spec.ep_rank, spec.ep_size)
         dtype = DTYPES[spec.dtype]
+        if self.device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16():
+            log.warning("dtype bfloat16 on a CPU without AVX-512 BF16/AMX: oneDNN emulates bf16 matmuls, "
+                        "slower than float32 (on an AVX2 EPYC: 0.5x float32's tokens/s at batch 32, 0.3x "
+                        "on a shared-prefix prefill); dtype float32 with model.int8_lm_head is the fast "
+                        "choice on such CPUs (README: Benchmarks)")
         self.model: DeepseekV3Model = build_model(self.config, dtype, self.expert_range, self.device, slot_experts)
         fp8_names = reader.fp8_names(self.model.wants_expert) if spec.keep_fp8 else set()
         if fp8_names:

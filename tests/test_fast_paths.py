@@ -25,6 +25,22 @@ needs_packing = pytest.mark.skipif(not can_pack(torch.zeros(2, 2, dtype=torch.bf
                                    reason="this torch has no oneDNN packed bf16 linear")
 
 
+def test_can_pack_says_whether_onednn_packs_on_this_cpu(tiny_ckpt):
+    """On an AVX2-only CPU oneDNN refuses to pack bf16 at run time: can_pack must say so, and a
+    bf16 engine must still load (unpacked) instead of failing in prepack."""
+    from expertmesh.actors.model.packed import pack_weight
+
+    weight = torch.zeros(16, 16, dtype=torch.bfloat16)
+    try:
+        pack_weight(weight)
+        runs = True
+    except RuntimeError:
+        runs = False
+    assert can_pack(weight) == runs
+    worker = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=256, prepack=True))
+    assert any(isinstance(m, PackedLinear) for m in worker.model.modules()) == runs
+
+
 @needs_packing
 def test_packed_bf16_logits_equal_unpacked_bitwise(tiny_ckpt):
     plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, prepack=False))
@@ -114,3 +130,28 @@ def test_expert_parallel_path_computes_packed_experts_like_local(tmp_path):
         assert torch.equal(ep(x, ids, weights), LocalExperts(plain)(x, ids, weights))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_experts_equal_the_per_expert_loop_bitwise(dtype):
+    """Dense CPU expert stacks run as two grouped GEMMs; each expert's rows must come out as its
+    own F.linear pair gives them, experts with no rows and an empty batch included."""
+    from expertmesh.actors.model.experts import ExpertWeights, _grouped_mm_runs
+
+    torch.manual_seed(0)
+    weights = ExpertWeights(0, 8, 64, 32)
+    with torch.no_grad():
+        weights.w13.copy_(torch.randn_like(weights.w13) * 0.1)
+        weights.w2.copy_(torch.randn_like(weights.w2) * 0.1)
+    weights = weights.to(dtype)
+    counts = [3, 0, 5, 1, 0, 0, 7, 2]
+    xs = torch.randn(sum(counts), 64).to(dtype)
+    if not _grouped_mm_runs(xs, weights.w13):
+        pytest.skip("this torch has no CPU grouped GEMM")
+    out = weights.grouped_ffn(xs, counts)
+    start, rows = 0, []
+    for e, n in enumerate(counts):
+        rows.append(weights._ffn(e, xs[start:start + n]))
+        start += n
+    assert out.dtype == dtype and torch.equal(out, torch.cat(rows))
+    assert weights.grouped_ffn(xs[:0], [0] * 8).shape == (0, 64)
