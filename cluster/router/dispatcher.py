@@ -44,6 +44,19 @@ def _record_sent(request: engine_pb2.EngineGenerateRequest, msg: engine_pb2.Engi
     request.resume_text_chars += len(msg.text)
 
 
+def _nothing_left(request: engine_pb2.EngineGenerateRequest) -> bool:
+    """Whether the tokens already streamed reach the request's max_tokens (when it set one)."""
+    return request.sampling.HasField("max_tokens") and len(request.resume_token_ids) >= request.sampling.max_tokens
+
+
+def _finished_by_length(request: engine_pb2.EngineGenerateRequest) -> engine_pb2.EngineGenerateResponse:
+    """The closing message a replica would have sent at max_tokens, for a stream whose replica
+    failed right after its last token (the whole request's usage; no prefix-cache figure)."""
+    return engine_pb2.EngineGenerateResponse(
+        request_id=request.request_id, finished=True, finish_reason=generate_pb2.FINISH_REASON_LENGTH,
+        prompt_tokens=len(request.prompt_token_ids), completion_tokens=len(request.resume_token_ids))
+
+
 def _without_finish(msg: engine_pb2.EngineGenerateResponse) -> engine_pb2.EngineGenerateResponse:
     out = engine_pb2.EngineGenerateResponse()
     out.CopyFrom(msg)
@@ -174,6 +187,8 @@ class Dispatcher:
                     got_any = True
                     yield msg, replica
                     _record_sent(request, msg)
+                    if msg.finished:  # complete: a replica dying before the stream closes changes nothing
+                        return
                 if failure is None:
                     return
             except aio.AioRpcError as exc:
@@ -213,6 +228,12 @@ class Dispatcher:
                 log.error("request %s: giving up after %d replica failures; last: %s", request_id, failures, failure)
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this request failed "
                                                                f"{failures} times (request {request_id})")
+            if _nothing_left(request):
+                # every token was streamed before the failure (its step's error carried the last
+                # one): the request is done; a replica would refuse a resume with nothing to make
+                log.warning("request %s: %s after its last token; finished without resuming", request_id, failure)
+                yield _finished_by_length(request), replica
+                return
             if request.resume_token_ids:
                 self.resumed_total += 1
             log.warning("request %s: %s; resuming after %d streamed tokens", request_id, failure,
