@@ -221,6 +221,12 @@ class Dispatcher:
             self.replicas.report_unavailable(replica, failure)
             failures += 1
             self.failures_total += 1
+            if _nothing_left(request):
+                # every token was streamed before the failure (its step's error carried the last
+                # one): the request is done; a replica would refuse a resume with nothing to make
+                log.warning("request %s: %s after its last token; finished without resuming", request_id, failure)
+                yield _finished_by_length(request), replica
+                return
             failed_at = loop.time() if failed_at is None else failed_at
             last_error = RouterError(grpc.StatusCode.UNAVAILABLE, f"no healthy replica left for request {request_id} "
                                                                   "after a replica failed under it")
@@ -228,12 +234,6 @@ class Dispatcher:
                 log.error("request %s: giving up after %d replica failures; last: %s", request_id, failures, failure)
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this request failed "
                                                                f"{failures} times (request {request_id})")
-            if _nothing_left(request):
-                # every token was streamed before the failure (its step's error carried the last
-                # one): the request is done; a replica would refuse a resume with nothing to make
-                log.warning("request %s: %s after its last token; finished without resuming", request_id, failure)
-                yield _finished_by_length(request), replica
-                return
             if request.resume_token_ids:
                 self.resumed_total += 1
             log.warning("request %s: %s; resuming after %d streamed tokens", request_id, failure,
