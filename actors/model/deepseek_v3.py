@@ -80,6 +80,11 @@ class DeepseekV3Model(nn.Module):
                 n += 2 * moe.experts.count
         return n
 
+    def use_moe_kernel(self) -> int:
+        """Routed experts through the CPU MoE kernel (experts.py `use_kernel`), before `prepack`.
+        Returns how many MoE layers use it (0 on CUDA, with FP8 resident, or with no compiler)."""
+        return sum(moe.experts.use_kernel() for moe in self.moe_layers())
+
     def int8_lm_head(self) -> None:
         """The optional speed mode `model.int8_lm_head` (model/int8.py): after loading, the lm_head
         becomes a dynamic int8 linear (half the bytes read per token); its bf16/fp32 copy is dropped
