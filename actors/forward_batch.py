@@ -39,6 +39,7 @@ class ForwardBatch:
     decode_rows: torch.Tensor | None = None  # their rows in [T]
     decode_slots: torch.Tensor | None = None  # [B, L] context slots after the shared prefix, padded with slot 0
     decode_pad: torch.Tensor | None = None  # [B, L] True where padded
+    decode_lens: torch.Tensor | None = None  # [B] unpadded length of each decode_slots row
     # slots every decode sequence's context starts with (a radix-cache hit they all share), attended
     # once for the whole batch instead of gathered per sequence; empty when there is none
     decode_shared: torch.Tensor | None = None  # [P]
@@ -60,7 +61,9 @@ class ForwardBatch:
             self.decode_seqs = decode
             self.decode_rows = torch.tensor([self.starts[i] for i in decode], dtype=torch.long, device=device)
             self.decode_slots = table.to(device)
-            self.decode_pad = (torch.arange(width).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)).to(device)
+            self.decode_lens = torch.tensor(lens, dtype=torch.long)
+            self.decode_pad = (torch.arange(width).unsqueeze(0) >= self.decode_lens.unsqueeze(1)).to(device)
+            self.decode_lens = self.decode_lens.to(device)
             self.decode_shared = ctx[0][:shared].to(device)
         return self
 

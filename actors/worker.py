@@ -50,9 +50,9 @@ class WorkerSpec:
     # Optional speed mode, off by default (model/int8.py): the lm_head as a dynamic int8 linear on
     # CPU. Logits move ~1% relative, so tokens can differ from transformers'.
     int8_lm_head: bool = False
-    # Routed experts through the hand-written CPU MoE kernel (model/kernels), built on first use;
-    # EXPERTMESH_MOE_KERNEL=0 keeps torch's matmuls (benchmarks build one engine of each).
-    moe_kernel: bool = field(default_factory=lambda: os.environ.get("EXPERTMESH_MOE_KERNEL", "1") != "0")
+    # Routed experts and decode attention through the hand-written CPU kernels (model/kernels),
+    # built on first use; EXPERTMESH_CPU_KERNELS=0 keeps torch's ops (to compare the two).
+    cpu_kernels: bool = field(default_factory=lambda: os.environ.get("EXPERTMESH_CPU_KERNELS", "1") != "0")
 
 
 def expert_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
@@ -94,8 +94,8 @@ class ModelWorker:
         self.read_tensor_names = set(reader.read_names)
         if spec.int8_lm_head:
             self.model.int8_lm_head()
-        if spec.moe_kernel and self.device.type == "cpu":
-            self.model.use_moe_kernel()
+        if spec.cpu_kernels and self.device.type == "cpu":
+            self.model.use_cpu_kernels()
         if spec.prepack:
             self.model.prepack()
         self.mover = None

@@ -25,8 +25,8 @@ echo "expertmesh: installing SGLang's radix cache (sglang --no-deps)"
 pip install -q --no-deps sglang==0.5.23
 pip install -q "${constraints[@]}" -r requirements/sglang-radix.txt
 "$VENV/bin/python" -c "import expertmesh.cluster.engine.sglang_import as s; s.import_radix_cache(); print('expertmesh: sglang radix cache imports')"
-echo "expertmesh: building the CPU MoE kernel for this CPU (once; about a minute on 2 cores)"
+echo "expertmesh: building the CPU kernels for this CPU (once; one to two minutes on 2 cores)"
 "$VENV/bin/python" -m expertmesh.actors.model.kernels \
-  || echo "expertmesh: WARNING: the CPU MoE kernel did not build; routed experts will use torch's matmuls"
+  || echo "expertmesh: WARNING: the CPU kernels did not build; experts and attention will use torch's ops"
 echo "$want" > "$stamp"
 echo "expertmesh: ready ($VENV)"

@@ -44,8 +44,8 @@ def test_can_pack_says_whether_onednn_packs_on_this_cpu(tiny_ckpt):
 @needs_packing
 def test_packed_bf16_logits_equal_unpacked_bitwise(tiny_ckpt):
     """The MoE kernel is off here: it reads the dense expert stacks, which packing frees."""
-    plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, prepack=False, moe_kernel=False))
-    packed = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, prepack=True, moe_kernel=False))
+    plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, prepack=False, cpu_kernels=False))
+    packed = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, prepack=True, cpu_kernels=False))
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
     assert all(m.experts.packed is not None for m in packed.model.moe_layers())
     assert packed.routed_expert_param_count() == plain.routed_expert_param_count()

@@ -42,6 +42,18 @@ class MLAttention(nn.Module):
         self._absorbed_key: tuple[int, int] | None = None
         self._w_uk: torch.Tensor | None = None  # [heads, nope, rank]
         self._w_uv_t: torch.Tensor | None = None  # [heads, rank, v]
+        # the CPU kernels' ops (kernels/mla_cpu.cpp) once `use_kernel` found them; None: torch's ops
+        self.kernel = None
+
+    def use_kernel(self) -> bool:
+        """Decode attention through the CPU MLA kernel (built on first use): the context read at
+        its KV slots, no padded gather, no per-step bmm set-up. False on CUDA or with no compiler."""
+        if self.kv_a_layernorm.weight.device.type != "cpu":
+            return False
+        from .kernels import cpu_kernels
+
+        self.kernel = cpu_kernels()
+        return self.kernel is not None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,6 +124,11 @@ class MLAttention(nn.Module):
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)  # [B, heads, *]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, heads, rank]
         q_cat = torch.cat([q_lat, q_rot], dim=-1)  # [B, heads, rank + rope]
+        if self.kernel is not None and q_cat.device.type == "cpu" and q_cat.dtype == kv.joint.dtype:
+            shared = batch.decode_shared if batch.decode_shared is not None else batch.decode_lens[:0]
+            out_lat = self.kernel.mla_decode(q_cat, kv.joint[self.layer], shared, batch.decode_slots,
+                                             batch.decode_lens, self.scale, self.kv_lora_rank)
+            return torch.bmm(out_lat.transpose(0, 1), w_uv_t).transpose(0, 1)
         ctx = kv.read_joint(self.layer, batch.decode_slots)  # [B, L, rank + rope]: latent, k_pe
         # one matmul over [rank | rope]: q_lat . latent + q_rot . k_pe
         scores = torch.matmul(q_cat, ctx.transpose(1, 2))  # [B, heads, L]

@@ -80,10 +80,12 @@ class DeepseekV3Model(nn.Module):
                 n += 2 * moe.experts.count
         return n
 
-    def use_moe_kernel(self) -> int:
-        """Routed experts through the CPU MoE kernel (experts.py `use_kernel`), before `prepack`.
-        Returns how many MoE layers use it (0 on CUDA, with FP8 resident, or with no compiler)."""
-        return sum(moe.experts.use_kernel() for moe in self.moe_layers())
+    def use_cpu_kernels(self) -> int:
+        """Routed experts and decode attention through the CPU kernels (model/kernels), before
+        `prepack` (the expert kernel reads the dense stacks). Returns how many modules use them
+        (0 on CUDA or with no compiler; FP8-resident experts keep their own path)."""
+        n = sum(moe.experts.use_kernel() for moe in self.moe_layers())
+        return n + sum(layer.self_attn.use_kernel() for layer in self.layers)
 
     def int8_lm_head(self) -> None:
         """The optional speed mode `model.int8_lm_head` (model/int8.py): after loading, the lm_head

@@ -92,9 +92,9 @@ class ExpertWeights(nn.Module):
             return False
         if self.w13.dtype not in (torch.float32, torch.bfloat16):
             return False
-        from .kernels import moe_cpu
+        from .kernels import cpu_kernels
 
-        self.kernel = moe_cpu()
+        self.kernel = cpu_kernels()
         return self.kernel is not None
 
     def prepack(self) -> bool:
@@ -238,7 +238,7 @@ class ExpertWeights(nn.Module):
 
 # Experts with more rows than this (a long prefill) go through at::linear inside the kernel, where
 # oneDNN's blocking beats reading each weight row once per 4 tokens.
-KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS = 32
 
 
 def _grouped_mm_runs(xs: torch.Tensor, w13: torch.Tensor) -> bool:

