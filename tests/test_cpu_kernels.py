@@ -2,7 +2,8 @@
 compute. The MoE kernel equals the per-expert F.linear loop on shapes with vector and tile tails,
 experts with no rows and experts past its row limit (its at::linear branch), under the EP backend
 too; the MLA decode kernel equals the padded gather + matmul + softmax path, with and without a
-shared prefix; and an engine on both keeps transformers' greedy tokens."""
+shared prefix; the few-rows linear (the dense lm_head's) equals F.linear; and an engine on all
+three keeps transformers' greedy tokens."""
 from __future__ import annotations
 
 import shutil
@@ -121,6 +122,7 @@ def test_fp32_engine_on_the_kernel_keeps_transformers_greedy_tokens(tiny_ckpt):
         worker = engine.executor.worker
         assert all(m.experts.kernel is not None for m in worker.model.moe_layers())
         assert all(layer.self_attn.kernel is not None for layer in worker.model.layers)
+        assert worker.model.head_kernel is not None
         prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[6], PROMPTS[7]]
         assert run(engine, greedy_reqs(prompts, "k")) == hf_greedy(tiny_ckpt, prompts, 12)
     finally:
@@ -174,3 +176,20 @@ def test_mla_decode_refuses_slots_outside_the_cache():
         ops.mla_decode(q, cache, none, torch.tensor([[3]]), torch.tensor([0]), 1.0, 16)
     with pytest.raises(RuntimeError, match="share one dtype"):
         ops.mla_decode(q.bfloat16(), cache, none, torch.tensor([[3]]), torch.tensor([1]), 1.0, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_small_equals_f_linear(dtype):
+    """The dense lm_head's few-rows path: 1, 3 and 16 rows, a width with a vector tail, and a
+    row count that is not a multiple of the kernel's row block."""
+    gen = torch.Generator().manual_seed(7)
+    w = (torch.randn(1000, 72, generator=gen) * 0.1).to(dtype)
+    for m in (1, 3, 16):
+        x = torch.randn(m, 72, generator=gen).to(dtype)
+        got, want = cpu_kernels().linear_small(x, w), torch.nn.functional.linear(x.float(), w.float())
+        assert got.dtype == dtype and got.shape == (m, 1000)
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    assert cpu_kernels().linear_small(x[:0], w).shape == (0, 1000)
+    with pytest.raises(RuntimeError, match="x \\[M, K\\], w \\[N, K\\]"):
+        cpu_kernels().linear_small(x[:, :10], w)

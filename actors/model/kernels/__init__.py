@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-SOURCES = (HERE / "moe_cpu.cpp", HERE / "mla_cpu.cpp")
+SOURCES = (HERE / "moe_cpu.cpp", HERE / "mla_cpu.cpp", HERE / "linear_cpu.cpp")
 
 
 def _cpu_flags() -> str:
@@ -54,7 +54,7 @@ def build_dir() -> Path:
 def cpu_kernels():
     """torch.ops.expertmesh with `grouped_ffn` and `mla_decode`, built on first use; None where
     they cannot be built here (logged once)."""
-    if hasattr(torch.ops.expertmesh, "mla_decode"):
+    if hasattr(torch.ops.expertmesh, "linear_small"):
         return torch.ops.expertmesh
     try:
         from torch.utils import cpp_extension
