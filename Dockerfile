@@ -27,6 +27,10 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
  && pip install --no-cache-dir -c requirements/constraints.txt -r requirements/sglang-radix.txt \
  && python -c "import torch; assert not torch.version.cuda, torch.__version__" \
  && python -c "import expertmesh.cluster.engine.sglang_import as s; s.import_radix_cache()"
+# The CPU kernels (actors/model/kernels) are built -march=native for the CPU that runs them: this
+# build serves pods on nodes with the build machine's CPU flags; elsewhere a pod builds its own at
+# first use (a minute; the image's gcc), or falls back to torch's ops with a warning.
+RUN python -m expertmesh.actors.model.kernels || echo "CPU kernels not built here: pods build them at first use"
 # Every pod carries the same tiny checkpoint (configs/demo.yaml: preset tiny, seed 0), so ranks on
 # different pods read identical weights without a shared volume.
 RUN expertmesh make-checkpoint /home/ray/checkpoints/tiny --preset tiny --seed 0

