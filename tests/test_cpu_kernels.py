@@ -193,3 +193,21 @@ def test_linear_small_equals_f_linear(dtype):
     assert cpu_kernels().linear_small(x[:0], w).shape == (0, 1000)
     with pytest.raises(RuntimeError, match="x \\[M, K\\], w \\[N, K\\]"):
         cpu_kernels().linear_small(x[:, :10], w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_kernel_equals_combine_bitwise(dtype):
+    """The weighted sum back into token order: the same fp32 additions in the same order."""
+    from expertmesh.actors.model.experts import combine, permute_by_expert
+
+    gen = torch.Generator().manual_seed(11)
+    t, k, e, h = 37, 4, 16, 72
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=gen)
+    order, _ = permute_by_expert(ids, e)
+    outs = torch.randn(t * k, h, generator=gen).to(dtype)
+    want = combine(outs, order, weights, t, k)
+    got = combine(outs, order, weights, t, k, cpu_kernels())
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="not a permutation"):
+        cpu_kernels().combine(outs, torch.zeros_like(order), weights)

@@ -97,8 +97,9 @@ class ExpertParallelExperts:
             back = send_x.new_empty(send_x.shape)
             dist.all_to_all_single(back, outs, send_splits, recv_splits, group=self.group)
             if self.identity:  # slots sorted by rank are already in ascending expert order
-                return combine(back.to(x.dtype), order, topk_weights, t, k)
+                return combine(back.to(x.dtype), order, topk_weights, t, k, self.weights.kernel)
             logical = torch.sort(topk_ids.flatten(), stable=True)[1]
             row_of = torch.empty_like(order)
             row_of[order] = torch.arange(order.numel(), device=order.device)  # flat pair → row of `back`
-            return combine(gather_rows(back, row_of[logical]).to(x.dtype), logical, topk_weights, t, k)
+            return combine(gather_rows(back, row_of[logical]).to(x.dtype), logical, topk_weights, t, k,
+                           self.weights.kernel)

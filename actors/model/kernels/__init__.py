@@ -1,5 +1,6 @@
 """Hand-written CPU kernels, compiled once per machine by torch's C++ extension loader:
-`grouped_ffn` (moe_cpu.cpp: the routed experts at decode batches) and `mla_decode` (mla_cpu.cpp:
+`grouped_ffn` and `combine` (moe_cpu.cpp: the routed experts at decode batches, their weighted
+sum) and `mla_decode` (mla_cpu.cpp:
 absorbed MLA decode over the KV cache's slots), sharing cpu_vec.h's vector helpers.
 
 Written by hand because no library serves this torch: IPEX's fused MoE and attention pin torch
@@ -68,7 +69,7 @@ def cpu_kernels():
         path = build_dir()
         path.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name="expertmesh_cpu_kernels", sources=[str(s) for s in SOURCES], build_directory=str(path),
-                           extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", f"-march={_march()}", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only prefix: the torch path still serves
         log.warning("expertmesh: the CPU kernels could not be built (%s: %s); experts and attention use "

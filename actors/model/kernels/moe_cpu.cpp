@@ -1,10 +1,11 @@
 // Routed experts on the CPU, for the decode regime: each expert sees a handful of tokens, so its
 // FFN is bound by reading its weights, not by arithmetic. oneDNN's matmul pays ~100 us of set-up
-// per call and reads bf16 weights through a reorder; here one call walks every active expert's
-// gate/up rows and then its down rows once, with all of that expert's tokens in registers, on
-// torch's thread pool (at::parallel_for honours torch.set_num_threads).
+// per call; here one call walks every active expert's gate/up rows and then its down rows once
+// each, with that expert's tokens (4 at a time) in registers, on torch's thread pool
+// (at::parallel_for honours torch.set_num_threads).
 //
 //   expertmesh::grouped_ffn(xs [N, H], w13 [E, 2I, H], w2 [E, H, I], counts [E]) -> [N, H]
+//   expertmesh::combine(outs [T * k, H], order [T * k], weights [T, k]) -> [T, H] fp32
 //
 // xs rows are sorted by expert (counts[e] rows for expert e, as experts.permute_by_expert orders
 // them); the output rows are the FFN outputs in the same order. Weights and xs are float32 or
@@ -122,6 +123,61 @@ at::Tensor grouped_ffn(const at::Tensor& xs, const at::Tensor& w13, const at::Te
   return grouped_ffn_impl<bf16>(x, a, b, cs, max_rows);
 }
 
+// out[t] = sum over t's k chosen experts of weight * that expert's output row, in fp32, adding the
+// rows in the order `order` lists them (ascending expert, as the reference sums): bitwise what
+// experts.combine's multiply + index_add_ gives, without its [T * k, H] fp32 temporaries (at a
+// 2048-token prefill those two passes cost ~17 ms per MoE layer here).
+template <typename T>
+void combine_impl(const at::Tensor& outs, const at::Tensor& order, const at::Tensor& weights, at::Tensor& out) {
+  const int64_t N = outs.size(0), H = outs.size(1), K = weights.size(1), tokens = weights.size(0);
+  const T* Y = outs.data_ptr<T>();
+  const int64_t* ord = order.data_ptr<int64_t>();
+  const float* Wt = weights.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  std::vector<int64_t> pos(N);  // flat (token, slot) pair -> its row in outs
+  for (int64_t i = 0; i < N; ++i) pos[ord[i]] = i;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> rows(K);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t j = 0; j < K; ++j) rows[j] = pos[t * K + j];
+      std::sort(rows.begin(), rows.end());
+      float* o = O + t * H;
+      std::fill(o, o + H, 0.f);
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t i = rows[j];
+        const float w = Wt[ord[i]];
+        const T* y = Y + i * H;
+        for (int64_t h = 0; h < H; ++h) o[h] += static_cast<float>(y[h]) * w;
+      }
+    }
+  });
+}
+
+at::Tensor combine(const at::Tensor& outs, const at::Tensor& order, const at::Tensor& weights) {
+  TORCH_CHECK(outs.device().is_cpu() && order.device().is_cpu() && weights.device().is_cpu(), "combine: CPU tensors");
+  TORCH_CHECK(outs.dim() == 2 && order.dim() == 1 && weights.dim() == 2, "combine: outs [T*k, H], order [T*k], weights [T, k]");
+  TORCH_CHECK(order.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
+              "combine: order int64, weights float32");
+  TORCH_CHECK(outs.size(0) == order.size(0) && order.size(0) == weights.numel(), "combine: one row per (token, expert)");
+  at::Tensor ord = order.contiguous(), wt = weights.contiguous(), ys = outs.contiguous();
+  const int64_t N = ord.numel();
+  const int64_t* o = ord.data_ptr<int64_t>();
+  std::vector<char> seen(N, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(o[i] >= 0 && o[i] < N && !seen[o[i]], "combine: order is not a permutation of [0, T*k)");
+    seen[o[i]] = 1;
+  }
+  at::Tensor out = at::empty({weights.size(0), outs.size(1)}, outs.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out.zero_();
+  if (ys.scalar_type() == at::kFloat)
+    combine_impl<float>(ys, ord, wt, out);
+  else if (ys.scalar_type() == at::kBFloat16)
+    combine_impl<bf16>(ys, ord, wt, out);
+  else
+    TORCH_CHECK(false, "combine: float32 or bfloat16 rows, not ", ys.scalar_type());
+  return out;
+}
+
 // Which vector width this build runs: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar).
 int64_t vector_width() { return VL; }
 
@@ -129,7 +185,11 @@ int64_t vector_width() { return VL; }
 
 TORCH_LIBRARY(expertmesh, m) {
   m.def("grouped_ffn(Tensor xs, Tensor w13, Tensor w2, int[] counts, int max_rows) -> Tensor");
+  m.def("combine(Tensor outs, Tensor order, Tensor weights) -> Tensor");
   m.def("vector_width() -> int", &vector_width);
 }
 
-TORCH_LIBRARY_IMPL(expertmesh, CPU, m) { m.impl("grouped_ffn", &grouped_ffn); }
+TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
+  m.impl("grouped_ffn", &grouped_ffn);
+  m.impl("combine", &combine);
+}
