@@ -211,3 +211,26 @@ def test_combine_kernel_equals_combine_bitwise(dtype):
     assert got.dtype == torch.float32 and torch.equal(got, want)
     with pytest.raises(RuntimeError, match="not a permutation"):
         cpu_kernels().combine(outs, torch.zeros_like(order), weights)
+
+
+def test_pair_packed_head_equals_f_linear():
+    """The bf16 lm_head in vdpbf16ps pairs (where the CPU has AVX512-BF16): an output count that
+    is not a multiple of 32, 1 to 13 rows (tiles of 6 and their tails), 3-D input."""
+    from expertmesh.actors.model.packed import PairPackedLinear
+
+    if not cpu_kernels().has_packed_linear():
+        pytest.skip("this CPU has no AVX512-BF16: the bf16 head keeps oneDNN's packing")
+    gen = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(96, 1000, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1000, 96, generator=gen) * 0.1)
+    head = PairPackedLinear(lin, cpu_kernels())
+    for m in (1, 5, 6, 13):
+        x = torch.randn(m, 96, generator=gen).to(torch.bfloat16)
+        want = torch.nn.functional.linear(x.float(), lin.weight.float())
+        got = head(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, 1000)
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
+    assert head(torch.zeros(2, 3, 96, dtype=torch.bfloat16)).shape == (2, 3, 1000)
+    with pytest.raises(RuntimeError, match="packed K"):
+        cpu_kernels().linear_packed(torch.zeros(1, 64, dtype=torch.bfloat16), head.packed, 1000)

@@ -18,7 +18,7 @@ from .fp8 import FP8_DTYPES, Fp8Tensor, convert_linears, tensor_bytes
 from .int8 import Int8Linear
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
-from .packed import PackedLinear, prepack_linears
+from .packed import PackedLinear, PairPackedLinear, prepack_linears
 from .rope import RotaryEmbedding
 from ..profiling import NULL_PROFILER, StepProfiler
 
@@ -97,6 +97,10 @@ class DeepseekV3Model(nn.Module):
 
             self.head_kernel = cpu_kernels()
             n += self.head_kernel is not None
+            head = self.lm_head
+            if (self.head_kernel is not None and type(head) is nn.Linear and head.weight.dtype == torch.bfloat16
+                    and self.head_kernel.has_packed_linear() and not self.config.tie_word_embeddings):
+                self.lm_head = PairPackedLinear(head, self.head_kernel)
         return n
 
     def int8_lm_head(self) -> None:

@@ -78,6 +78,31 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
 
 
+class PairPackedLinear(nn.Module):
+    """A bias-free bf16 linear held in the CPU kernels' vdpbf16ps pair layout (kernels.pack_pairs)
+    and run by their `linear_packed`: the lm_head's choice where the CPU has AVX512-BF16. Same
+    values as F.linear (fp32 sums of exact bf16 products, rounded once); 1.2-1.35x oneDNN's
+    packed linear at 1-2 rows (the weight streams with no horizontal sums), 0.9-1.05x at 4-32."""
+
+    def __init__(self, linear: nn.Linear, ops):
+        super().__init__()
+        from .kernels import pack_pairs
+
+        if linear.bias is not None or linear.weight.dtype != torch.bfloat16:
+            raise ValueError("PairPackedLinear packs bias-free bf16 linears only")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.ops = ops
+        self.packed = nn.Parameter(pack_pairs(linear.weight), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.ops.linear_packed(x.reshape(-1, self.in_features), self.packed, self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, vdpbf16ps pairs"
+
+
 def prepack_linears(model: nn.Module, keep_dense: tuple[str, ...] = ()) -> int:
     """Replaces every packable bias-free nn.Linear in `model` by a PackedLinear, except modules
     whose name ends with one of `keep_dense` (their dense weight is read directly elsewhere).

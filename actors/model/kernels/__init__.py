@@ -78,6 +78,14 @@ def cpu_kernels():
     return torch.ops.expertmesh
 
 
+def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 [N, K] weight in linear_packed's layout [N/16, K/2, 16, 2] (N padded with zero rows
+    to a multiple of 32, K to even): the (k, k+1) pairs of 16 consecutive outputs side by side."""
+    n, k = weight.shape
+    w = torch.nn.functional.pad(weight.detach(), (0, k % 2, 0, (-n) % 32))
+    return w.view(w.shape[0] // 16, 16, w.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ops = cpu_kernels()
