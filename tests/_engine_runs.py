@@ -23,6 +23,26 @@ def run(engine, reqs) -> list[list[int]]:
     return [out[r.request_id].token_ids for r in reqs]
 
 
+def ep_and_local_outputs(ep_weights, local_weights, store, gen: torch.Generator, tokens: int = 10, k: int = 3):
+    """(EP backend's output on `ep_weights` over a 1-rank gloo group, local backend's on
+    `local_weights`) for the same random bf16 tokens and routing."""
+    import torch.distributed as dist
+
+    from expertmesh.actors.model.ep import ExpertParallelExperts
+    from expertmesh.actors.model.experts import LocalExperts
+
+    n, hidden = ep_weights.count, ep_weights.hidden
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        ep = ExpertParallelExperts(ep_weights, dist.group.WORLD, 1, n)
+        return ep(x, ids, weights), LocalExperts(local_weights)(x, ids, weights)
+    finally:
+        dist.destroy_process_group()
+
+
 def prefill_then_decode(worker, prompts: list[list[int]], steps: int = 3) -> list[torch.Tensor]:
     """Logits of each prompt's prefill (one sequence at a time), then `steps` batched decode steps."""
     out, ctx, nxt, slot = [], [], [], 1

