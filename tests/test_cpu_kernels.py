@@ -215,7 +215,7 @@ def test_pair_packed_head_equals_f_linear():
     with torch.no_grad():
         lin.weight.copy_(torch.randn(1000, 96, generator=gen) * 0.1)
     head = PairPackedLinear(lin, cpu_kernels())
-    for m in (1, 5, 6, 13):
+    for m in (1, 5, 6, 13, 16, 40):  # from 4 rows on an AMX CPU: the tile path, 16-row tails
         x = torch.randn(m, 96, generator=gen).to(torch.bfloat16)
         want = torch.nn.functional.linear(x.float(), lin.weight.float())
         got = head(x)
@@ -224,3 +224,36 @@ def test_pair_packed_head_equals_f_linear():
     assert head(torch.zeros(2, 3, 96, dtype=torch.bfloat16)).shape == (2, 3, 1000)
     with pytest.raises(RuntimeError, match="packed K"):
         cpu_kernels().linear_packed(torch.zeros(1, 64, dtype=torch.bfloat16), head.packed, 1000)
+
+
+def _cpu_has_amx() -> bool:
+    from expertmesh.actors.model.kernels import _cpu_flags
+
+    flags = set(_cpu_flags().split())
+    return {"amx_tile", "amx_bf16"} <= flags
+
+
+def test_the_tile_unit_is_used_where_the_cpu_has_it():
+    """An AMX CPU whose build or process silently lost the tile path would serve 1.5-2x slower."""
+    if not _cpu_has_amx():
+        pytest.skip("this CPU has no AMX")
+    assert cpu_kernels().has_amx()
+
+
+def test_amx_experts_equal_the_per_expert_loop():
+    """bf16 experts past max_rows: the AMX tile path on an AMX CPU (at::linear elsewhere), with
+    one and several 16-token blocks, an odd block count, tails, and small experts beside them on
+    the vector kernel."""
+    from expertmesh.actors.model.experts import kernel_max_rows
+
+    w = _weights(8, 64, 96, torch.bfloat16, seed=3)
+    counts = [3, 0, 16, 17, 1, 33, 40, 2]
+    xs = torch.randn(sum(counts), 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    want = _loop(w, xs, counts).float()
+    got = cpu_kernels().grouped_ffn(xs, w.w13, w.w2, counts, 2)
+    scale = want.abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 2 ** -7 * scale
+    assert (got.float() - want).abs().mean().item() <= 2 ** -10 * scale
+    assert kernel_max_rows(cpu_kernels(), torch.float32) == 32
+    if _cpu_has_amx():
+        assert kernel_max_rows(cpu_kernels(), torch.bfloat16) == 2

@@ -249,12 +249,24 @@ def start_engines(args, ckpt: Path, data: dict) -> dict:
                                             kv_space_gib=args.vllm_kv_gib)
             elif name in ("llama", "llama-q8"):
                 outtype = {"llama": {"bfloat16": "bf16", "float32": "f32"}[args.dtype], "llama-q8": "q8_0"}[name]
-                engines[name] = PeerProcess(name, "llama", gguf_for(ckpt, outtype), args.dtype, args.threads, {})
+                # On AMX CPUs llama.cpp repacks Q8_0 into its AMX buffer type, and the deepseek2 graph
+                # then aborts in the scheduler (ggml-backend.cpp: GGML_ASSERT(*cur_backend_id != -1),
+                # llama-cpp-python 0.3.36): Q8_0 runs there without the extra buffer types.
+                extra = ["--no-extra-bufts"] if outtype == "q8_0" and "amx_tile" in _cpu_flags() else []
+                engines[name] = PeerProcess(name, "llama", gguf_for(ckpt, outtype), args.dtype, args.threads, {}, extra)
         except Exception as exc:
             log.error("%s unavailable: %s", name, exc)
             errors[name] = f"{type(exc).__name__}: {exc}"
     data["engines"] = {n: {"start_s": e.start_s, **getattr(e, "info", {})} for n, e in engines.items()}
     return engines
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
 def run_peers(args, engines: dict, data: dict) -> None:

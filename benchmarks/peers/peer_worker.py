@@ -88,6 +88,8 @@ class LlamaPeer:
         self.args = args
         L.llama_backend_init()
         mp = L.llama_model_default_params()
+        if args.no_extra_bufts:
+            mp.use_extra_bufts = False
         t0 = time.perf_counter()
         self.model = L.llama_model_load_from_file(args.model.encode(), mp)
         if not self.model:
@@ -218,6 +220,8 @@ def main() -> int:
     ap.add_argument("--max-seqs", type=int, default=64)
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--n-ubatch", type=int, default=512)
+    ap.add_argument("--no-extra-bufts", action="store_true",
+                    help="llama.cpp: no extra buffer types (AMX / repacked weights)")
     ap.add_argument("--kv-unified", action="store_true", help="llama.cpp: one unified KV cache for batches too")
     args = ap.parse_args()
     try:

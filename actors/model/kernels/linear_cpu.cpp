@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx.h"
 #include "cpu_vec.h"
 
 namespace {
@@ -83,6 +84,35 @@ inline void packed_tile(const bf16* b0, const bf16* b1, const bf16* x, int64_t K
   }
 }
 
+#if defined(EXPERTMESH_AMX)
+// From this many rows the tile unit beats vdpbf16ps on the same packed weight (an AMX Xeon, the
+// 129k x 512 head); below it the weight's bytes bound both.
+constexpr int64_t AMX_MIN_ROWS = 4;
+
+// linear_packed on the tile unit: rows padded to 16 (zeros), 32 outputs per task.
+void linear_packed_amx(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O) {
+  const int64_t K2 = K / 2, Mp = (M + 15) / 16 * 16;
+  std::vector<bf16> padded;
+  const bf16* A = X;
+  if (Mp != M) {
+    padded.assign(Mp * K, bf16(0.f));
+    std::memcpy(padded.data(), X, M * K * sizeof(bf16));
+    A = padded.data();
+  }
+  at::parallel_for(0, NB / 2, 4, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
+    std::vector<float> C(Mp * 32);
+    for (int64_t p = begin; p < end; ++p) {
+      const bf16* b0 = W + (2 * p) * K2 * 32;
+      amx_pairs_32(A, K, Mp, b0, b0 + K2 * 32, K2, C.data());
+      const int64_t n0 = 2 * p * 16, nr = std::min<int64_t>(32, n_out - n0);
+      for (int64_t j = 0; j < M; ++j)
+        for (int64_t n = 0; n < nr; ++n) O[j * n_out + n0 + n] = static_cast<bf16>(C[j * 32 + n]);
+    }
+  });
+}
+#endif
+
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_out) {
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16, "linear_packed: bfloat16");
@@ -97,6 +127,12 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_ou
   const bf16* X = xc.data_ptr<bf16>();
   const bf16* W = wp.contiguous().data_ptr<bf16>();
   bf16* O = out.data_ptr<bf16>();
+#if defined(EXPERTMESH_AMX)
+  if (M >= AMX_MIN_ROWS && K2 % 16 == 0 && amx_ready()) {
+    linear_packed_amx(X, M, K, W, NB, n_out, O);
+    return out;
+  }
+#endif
   at::parallel_for(0, NB / 2, 4, [&](int64_t begin, int64_t end) {
     __m512 tile[2 * PT];
     float buf[32];
@@ -134,11 +170,21 @@ bool has_packed_linear() {
 #endif
 }
 
+// Whether this build and this process run AMX tiles (linear_packed uses them from AMX_MIN_ROWS rows).
+bool has_amx() {
+#if defined(EXPERTMESH_AMX)
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
   m.def("linear_small(Tensor x, Tensor w) -> Tensor");
   m.def("has_packed_linear() -> bool", &has_packed_linear);
+  m.def("has_amx() -> bool", &has_amx);
 #if defined(__AVX512BF16__)
   m.def("linear_packed(Tensor x, Tensor wp, int n_out) -> Tensor");
 #endif

@@ -13,7 +13,8 @@
 // the way the reference's bf16 ops round it (gate and up after their matmul, silu, the product,
 // the output), so only the order of each dot product's additions differs from F.linear's.
 // Experts with more than `max_rows` tokens (a prefill) go through at::linear, where oneDNN's
-// blocking wins.
+// blocking wins. Where the CPU has AMX (amx.h), bf16 takes the tile unit instead, for every expert
+// at any row count (max_rows does not apply there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,8 +22,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "cpu_vec.h"
 
 namespace {
@@ -33,6 +36,178 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
 constexpr int64_t ROW_BLOCK = 32;  // weight rows per task: gate/up rows of phase 1, down rows of phase 2
 
+#if defined(EXPERTMESH_AMX)
+// ---- bf16 on the AMX tile unit ------------------------------------------------------------------
+// The weights stay dense, [rows, K] row-major: 16 weight rows x 32 k of them are exactly a tile's
+// A operand, so the tile multiply runs transposed, C[weight row, token] = W . X^T, and only the
+// tokens (a few per expert) are rearranged into the B operand's pair layout [16-token block][K/2]
+// [16][2]. Phase 1 holds an expert's gate and up tiles for the same 16 intermediate rows side by
+// side (A = gate, A' = up; B, B' two token blocks), so silu(gate) * up is formed straight from the
+// accumulators and written into phase 2's B layout; phase 2 takes 32 hidden rows at a time.
+// Rounding is the reference's: gate and up to bf16 after their matmul, silu, the product, the output.
+constexpr int64_t TB = 16;  // tokens per B tile
+
+// rows [m, K] (K even) -> P [ceil(m / 16), K / 2, 16, 2], missing tokens zero
+void pack_tokens(const bf16* X, int64_t m, int64_t K, bf16* P) {
+  const int64_t K2 = K / 2, tbs = (m + TB - 1) / TB;
+  for (int64_t tb = 0; tb < tbs; ++tb)
+    for (int64_t k2 = 0; k2 < K2; ++k2) {
+      bf16* dst = P + (tb * K2 + k2) * 2 * TB;
+      for (int64_t t = 0; t < TB; ++t) {
+        const int64_t row = tb * TB + t;
+        if (row < m) {
+          dst[2 * t] = X[row * K + 2 * k2];
+          dst[2 * t + 1] = X[row * K + 2 * k2 + 1];
+        } else {
+          dst[2 * t] = dst[2 * t + 1] = bf16(0.f);
+        }
+      }
+    }
+}
+
+// C0 += A0 . B0, C1 += A1 . B0 (and with B1 into C2, C3 when `two`) over K = 32 * chunks, A0/A1
+// dense weight rows with `lda` elements per row, B0 the pair-packed tokens (B1 = B0 + the next
+// block). Prefetches the weight lines a few chunks ahead: 32 rows read 64 bytes at a time are more
+// streams than the hardware prefetcher follows.
+inline void amx_weight_tokens(const bf16* A0, const bf16* A1, int64_t lda, const bf16* B0, const bf16* B1,
+                              int64_t chunks, bool two) {
+  constexpr int64_t AHEAD = 4;
+  const int64_t stride = lda * 2;
+  for (int64_t kc = 0; kc < chunks; ++kc) {
+    if (kc + AHEAD < chunks)
+      for (int r = 0; r < 16; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(A0 + r * lda + (kc + AHEAD) * 32), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(A1 + r * lda + (kc + AHEAD) * 32), _MM_HINT_T0);
+      }
+    _tile_loadd(4, A0 + kc * 32, stride);
+    _tile_loadd(5, A1 + kc * 32, stride);
+    _tile_loadd(6, B0 + kc * 16 * 2 * TB, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (two) {
+      _tile_loadd(7, B1 + kc * 16 * 2 * TB, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+// Writes the FFN rows of `experts` (each with more rows than the vector kernel takes) into out.
+void grouped_ffn_amx(const bf16* X, const bf16* W13, const bf16* W2, int64_t H, int64_t I,
+                     const std::vector<int64_t>& experts, const std::vector<int64_t>& counts,
+                     const std::vector<int64_t>& start, bf16* O) {
+  const int64_t H2 = H / 2, I2 = I / 2, A = static_cast<int64_t>(experts.size());
+  std::vector<int64_t> pstart(A + 1, 0);  // 16-token blocks before experts[i]
+  for (int64_t i = 0; i < A; ++i) pstart[i + 1] = pstart[i] + (counts[experts[i]] + TB - 1) / TB;
+  // every element of both is written before it is read (pack_tokens pads, phase 1 zeroes missing
+  // tokens); kept per calling thread so a prefill does not page-fault tens of MB in on every layer
+  thread_local std::vector<bf16> xp_buf, ap_buf;
+  xp_buf.resize(std::max<size_t>(xp_buf.size(), pstart[A] * H2 * 2 * TB));
+  ap_buf.resize(std::max<size_t>(ap_buf.size(), pstart[A] * I2 * 2 * TB));
+  bf16* const xp = xp_buf.data();
+  bf16* const ap = ap_buf.data();
+  at::parallel_for(0, pstart[A], 1, [&](int64_t begin, int64_t end) {  // one task per 16-token block
+    for (int64_t i = 0; i < A; ++i) {
+      const int64_t e = experts[i];
+      for (int64_t blk = std::max(begin, pstart[i]); blk < std::min(end, pstart[i + 1]); ++blk) {
+        const int64_t row0 = (blk - pstart[i]) * TB, m = std::min<int64_t>(TB, counts[e] - row0);
+        pack_tokens(X + (start[e] + row0) * H, m, H, xp + blk * H2 * 2 * TB);
+      }
+    }
+  });
+  // interleaves two 16-float rows into 16 bf16 pairs: (a[0], b[0]), (a[1], b[1]), ...
+  alignas(64) int16_t pairs[32];
+  for (int t = 0; t < 16; ++t) {
+    pairs[2 * t] = static_cast<int16_t>(t);
+    pairs[2 * t + 1] = static_cast<int16_t>(16 + t);
+  }
+  const __m512i interleave = _mm512_load_si512(pairs);
+  const __m512 one = _mm512_set1_ps(1.f);
+  // phase 1: one task per (expert, 16 intermediate rows): act = silu(gate) * up, in phase 2's B layout
+  const int64_t nb1 = I / 16;
+  at::parallel_for(0, A * nb1, 1, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
+    alignas(64) float C[4][16 * 16];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / nb1, e = experts[i], n0 = (task % nb1) * 16, m = counts[e];
+      const bf16* gate = W13 + (e * 2 * I + n0) * H;
+      const bf16* up = gate + I * H;
+      const int64_t tbs = pstart[i + 1] - pstart[i];
+      for (int64_t tb = 0; tb < tbs; tb += 2) {
+        const bool two = tb + 1 < tbs;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const bf16* b0 = xp + (pstart[i] + tb) * H2 * 2 * TB;
+        amx_weight_tokens(gate, up, H, b0, b0 + H2 * 2 * TB, H / 32, two);
+        _tile_stored(0, C[0], 64);
+        _tile_stored(1, C[1], 64);
+        if (two) {
+          _tile_stored(2, C[2], 64);
+          _tile_stored(3, C[3], 64);
+        }
+        for (int half = 0; half < (two ? 2 : 1); ++half) {
+          const int64_t blk = tb + half, valid = std::min<int64_t>(TB, m - blk * TB);
+          const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
+          bf16* dst = ap + (pstart[i] + blk) * I2 * 2 * TB + (n0 / 2) * 2 * TB;
+          for (int n = 0; n < 16; n += 2) {
+            __m512 act[2];
+            for (int r = 0; r < 2; ++r) {
+              const __m512 g = round_bf16(_mm512_load_ps(C[2 * half] + (n + r) * 16));
+              const __m512 u = round_bf16(_mm512_load_ps(C[2 * half + 1] + (n + r) * 16));
+              const __m512 sg = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+              act[r] = _mm512_maskz_mov_ps(live, _mm512_mul_ps(sg, u));
+            }
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(act[1], act[0]);  // act[0] low, act[1] high
+            _mm512_storeu_si512(dst + (n / 2) * 2 * TB, _mm512_permutexvar_epi16(interleave, both));
+          }
+        }
+      }
+    }
+  });
+  // phase 2: one task per (expert, 32 hidden rows): out rows = act W2^T
+  const int64_t nb2 = H / 32;
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  at::parallel_for(0, A * nb2, 1, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
+    alignas(64) float C[4][16 * 16];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / nb2, e = experts[i], h0 = (task % nb2) * 32, m = counts[e], s = start[e];
+      const bf16* w = W2 + (e * H + h0) * I;
+      const int64_t tbs = pstart[i + 1] - pstart[i];
+      for (int64_t tb = 0; tb < tbs; tb += 2) {
+        const bool two = tb + 1 < tbs;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const bf16* b0 = ap + (pstart[i] + tb) * I2 * 2 * TB;
+        amx_weight_tokens(w, w + 16 * I, I, b0, b0 + I2 * 2 * TB, I / 32, two);
+        _tile_stored(0, C[0], 64);
+        _tile_stored(1, C[1], 64);
+        if (two) {
+          _tile_stored(2, C[2], 64);
+          _tile_stored(3, C[3], 64);
+        }
+        for (int half = 0; half < (two ? 2 : 1); ++half) {
+          const int64_t blk = tb + half, valid = std::min<int64_t>(TB, m - blk * TB);
+          for (int64_t t = 0; t < valid; ++t) {  // C is [hidden row][token]: a column per output row
+            bf16* o = O + (s + blk * TB + t) * H + h0;
+            const __m512 lo = _mm512_i32gather_ps(column, C[2 * half] + t, 4);
+            const __m512 hi = _mm512_i32gather_ps(column, C[2 * half + 1] + t, 4);
+            _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+          }
+        }
+      }
+    }
+  });
+}
+
+bool amx_fits(int64_t H, int64_t I) { return H % 32 == 0 && I % 32 == 0 && amx_ready(); }
+#endif
+
 template <typename T>
 at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const at::Tensor& w2,
                             const std::vector<int64_t>& counts, int64_t max_rows) {
@@ -42,20 +217,33 @@ at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const a
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
 
-  std::vector<int64_t> small;  // experts for the kernel below; the rest go through at::linear
-  int64_t widest = 0;          // most rows of one of them
+  std::vector<int64_t> small, big;  // experts for the vector kernel below; the rest are bigger
+  int64_t widest = 0;               // most rows of one of the small ones
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = counts[e];
     if (m == 0) continue;
     if (m <= max_rows) {
       small.push_back(e);
       widest = std::max(widest, m);
-      continue;
+    } else {
+      big.push_back(e);
     }
-    at::Tensor rows = xs.narrow(0, start[e], m);
-    auto gu = at::linear(rows, w13[e]).chunk(2, -1);
-    out.narrow(0, start[e], m).copy_(at::linear(at::silu(gu[0]) * gu[1], w2[e]));
   }
+  bool tiles = false;
+#if defined(EXPERTMESH_AMX)
+  if constexpr (std::is_same_v<T, bf16>) {
+    tiles = !big.empty() && amx_fits(H, I);
+    if (tiles)
+      grouped_ffn_amx(xs.data_ptr<bf16>(), w13.data_ptr<bf16>(), w2.data_ptr<bf16>(), H, I, big, counts, start,
+                      out.data_ptr<bf16>());
+  }
+#endif
+  if (!tiles)
+    for (int64_t e : big) {
+      at::Tensor rows = xs.narrow(0, start[e], counts[e]);
+      auto gu = at::linear(rows, w13[e]).chunk(2, -1);
+      out.narrow(0, start[e], counts[e]).copy_(at::linear(at::silu(gu[0]) * gu[1], w2[e]));
+    }
   if (small.empty()) return out;
 
   const T* W13 = w13.data_ptr<T>();
@@ -99,6 +287,7 @@ at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const a
   return out;
 }
 
+
 at::Tensor grouped_ffn(const at::Tensor& xs, const at::Tensor& w13, const at::Tensor& w2, at::IntArrayRef counts,
                        int64_t max_rows) {
   TORCH_CHECK(xs.device().is_cpu() && w13.device().is_cpu() && w2.device().is_cpu(), "grouped_ffn: CPU tensors");
@@ -119,6 +308,7 @@ at::Tensor grouped_ffn(const at::Tensor& xs, const at::Tensor& w13, const at::Te
   std::vector<int64_t> cs(counts.begin(), counts.end());
   at::Tensor x = xs.contiguous(), a = w13.contiguous(), b = w2.contiguous();
   if (x.scalar_type() == at::kFloat) return grouped_ffn_impl<float>(x, a, b, cs, max_rows);
+
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "grouped_ffn: float32 or bfloat16, not ", x.scalar_type());
   return grouped_ffn_impl<bf16>(x, a, b, cs, max_rows);
 }

@@ -1,0 +1,132 @@
+// Intel AMX (the tile unit of Sapphire Rapids and later Xeons) for bf16 weights held in the pair
+// layout of kernels.pack_pairs: [N/16, K/2, 16, 2], where the 64 bytes at [b, k2] are the (2 k2,
+// 2 k2 + 1) pair of 16 consecutive outputs. That is exactly the B operand of TDPBF16PS (16 rows of
+// k-pairs x 16 outputs), so one packed weight serves both the AVX512-BF16 kernels and this one.
+//
+// A tile multiply is 16 x 16 x 32 products per instruction, 16x an AVX-512 vdpbf16ps: at 16+ rows
+// (a batch-32 lm_head, a prefill's experts) the matmul stops being compute-bound. Built only where
+// the compiler targets AMX (-march=native on such a CPU); at run time the process must ask Linux
+// for the tile state once (arch_prctl ARCH_REQ_XCOMP_PERM), and every thread loads a tile
+// configuration before its first tile instruction and releases it after.
+#pragma once
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define EXPERTMESH_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+namespace expertmesh_cpu {
+
+// Linux: ARCH_REQ_XCOMP_PERM and the XTILEDATA feature number (asm/prctl.h, arch/x86 fpu xstate)
+constexpr long kArchReqXcompPerm = 0x1023;
+constexpr long kXfeatureXtiledata = 18;
+
+// True once this process may run tile instructions (asked once; false on kernels without AMX, or
+// with EXPERTMESH_AMX=0 in the environment: the AVX-512 kernels then serve, for A/B runs).
+inline bool amx_ready() {
+  static const bool ok = [] {
+    const char* off = std::getenv("EXPERTMESH_AMX");
+    if (off != nullptr && std::string(off) == "0") return false;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// One palette-1 configuration for every tile used here: 8 tiles of 16 rows x 64 bytes.
+// tmm0-3 accumulate (fp32 16 x 16), tmm4-5 hold activations (bf16 16 x 32), tmm6-7 weights.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Loads the configuration on this thread for as long as the guard lives.
+class TileScope {
+ public:
+  TileScope() {
+    TileConfig cfg;
+    for (int i = 0; i < 8; ++i) {
+      cfg.colsb[i] = 64;
+      cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+  }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+// C[m, 0:32] = A[m, :] . (blocks b0 and b1 of the pair layout) for m in [0, rows), rows a multiple
+// of 16: A bf16 with `lda` elements per row (K = 2 * k2s of them used), b0/b1 the two 16-output
+// blocks (each k2s x 16 x 2 bf16, contiguous), C fp32 with 32 per row. k2s a multiple of 16.
+// Runs inside a TileScope.
+inline void amx_pairs_32(const c10::BFloat16* A, int64_t lda, int64_t rows, const c10::BFloat16* b0,
+                         const c10::BFloat16* b1, int64_t k2s, float* C) {
+  const int64_t stride_a = lda * 2;  // bytes
+  for (int64_t m0 = 0; m0 < rows; m0 += 32) {
+    const bool two = m0 + 16 < rows;
+    const c10::BFloat16* a0 = A + m0 * lda;
+    const c10::BFloat16* a1 = a0 + 16 * lda;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t k2 = 0; k2 < k2s; k2 += 16) {
+      _tile_loadd(6, b0 + k2 * 32, 64);
+      _tile_loadd(7, b1 + k2 * 32, 64);
+      _tile_loadd(4, a0 + 2 * k2, stride_a);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two) {
+        _tile_loadd(5, a1 + 2 * k2, stride_a);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, C + m0 * 32, 128);
+    _tile_stored(1, C + m0 * 32 + 16, 128);
+    if (two) {
+      _tile_stored(2, C + (m0 + 16) * 32, 128);
+      _tile_stored(3, C + (m0 + 16) * 32 + 16, 128);
+    }
+  }
+}
+
+// ---- AVX-512 helpers for the tile kernels' epilogues (every AMX CPU has AVX512-BF16) ----------
+// x rounded to bf16 (round to nearest even, as torch rounds) and widened back
+inline __m512 round_bf16(__m512 x) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// e^x, within 2 ulp of expf over [-87, 88] (Cody-Waite ln 2 split, degree-6 polynomial, scalef):
+// what the epilogues need before their results are rounded to bf16
+inline __m512 vexp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+}  // namespace expertmesh_cpu
+#endif
