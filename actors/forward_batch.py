@@ -27,6 +27,17 @@ def shared_prefix_len(ctx: list[torch.Tensor], minimum: int | None = None) -> in
 
 
 @dataclass
+class AttendPlan:
+    """Every row of a step as the CPU MLA kernel (mla_attend) takes them: row r of sequence seq[r]
+    sees `shared` followed by slots[seq[r], :lens[r]] (a prefill row its context up to itself)."""
+
+    shared: torch.Tensor  # [P] slots every sequence's context starts with (may be empty)
+    slots: torch.Tensor  # [B, L] each sequence's context after them, padded with slot 0
+    seq: torch.Tensor  # [T]
+    lens: torch.Tensor  # [T]
+
+
+@dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] new tokens of all sequences, concatenated
     positions: torch.Tensor  # [T]
@@ -43,6 +54,7 @@ class ForwardBatch:
     # slots every decode sequence's context starts with (a radix-cache hit they all share), attended
     # once for the whole batch instead of gathered per sequence; empty when there is none
     decode_shared: torch.Tensor | None = None  # [P]
+    _attend_plan: AttendPlan | None = field(default=None, repr=False)
 
     def prepare(self) -> "ForwardBatch":
         device = self.input_ids.device
@@ -66,6 +78,32 @@ class ForwardBatch:
             self.decode_lens = self.decode_lens.to(device)
             self.decode_shared = ctx[0][:shared].to(device)
         return self
+
+    def attend_plan(self) -> AttendPlan:
+        """All rows, decode and prefill, for one mla_attend call per layer; built on first use and
+        shared by every layer of the step."""
+        if self._attend_plan is None and self.decode_seqs and len(self.decode_seqs) == self.num_tokens:
+            # pure decode: prepare() built these tables already
+            self._attend_plan = AttendPlan(self.decode_shared, self.decode_slots,
+                                           torch.arange(self.num_tokens, device=self.input_ids.device),
+                                           self.decode_lens)
+        if self._attend_plan is None:
+            ctx = [c.cpu() for c in self.ctx_slots]
+            shared = shared_prefix_len(ctx)
+            own = [c.numel() - shared for c in ctx]
+            table = torch.zeros(len(ctx), max(own, default=0), dtype=torch.long)
+            for row, c in enumerate(ctx):
+                table[row, : own[row]] = c[shared:]
+            counts = torch.tensor(self.extend_lens, dtype=torch.long)
+            seq = torch.repeat_interleave(torch.arange(len(ctx)), counts)
+            # row j of a sequence with n new tokens sees its own context up to its position + 1
+            ends = torch.tensor(own, dtype=torch.long)
+            first = torch.repeat_interleave(torch.tensor(self.starts, dtype=torch.long), counts)
+            lens = ends[seq] - counts[seq] + (torch.arange(seq.numel()) - first) + 1
+            device = self.input_ids.device
+            self._attend_plan = AttendPlan(ctx[0][:shared].to(device) if ctx else table.new_zeros(0),
+                                           table.to(device), seq.to(device), lens.to(device))
+        return self._attend_plan
 
     @property
     def num_seqs(self) -> int:

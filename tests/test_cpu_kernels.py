@@ -119,12 +119,13 @@ def test_fp32_engine_on_the_kernel_keeps_transformers_greedy_tokens(tiny_ckpt):
         engine.shutdown()
 
 
-def _attend(q, cache, shared, slots, lens, scale, rank):
-    """The torch path's math, one sequence at a time, in q's dtype as attention._decode rounds it."""
+def _attend(q, cache, shared, slots, lens, scale, rank, seq=None):
+    """The torch path's math, one query row at a time, in q's dtype as attention._decode rounds it."""
     out = []
-    for b in range(q.shape[0]):
-        ctx = cache[torch.cat([shared, slots[b, : lens[b]]])]  # [n, D]
-        scores = torch.matmul(q[b], ctx.t()) * scale  # [H, n]
+    for r in range(q.shape[0]):
+        b = r if seq is None else int(seq[r])
+        ctx = cache[torch.cat([shared, slots[b, : lens[r]]])]  # [n, D]
+        scores = torch.matmul(q[r], ctx.t()) * scale  # [H, n]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out.append(torch.matmul(probs, ctx[:, :rank]))
     return torch.stack(out)
@@ -133,7 +134,7 @@ def _attend(q, cache, shared, slots, lens, scale, rank):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,rank,rope", [(8, 128, 16), (5, 32, 8), (3, 40, 24)])
 @pytest.mark.parametrize("prefix", [0, 37])
-def test_mla_decode_kernel_equals_the_torch_path(dtype, heads, rank, rope, prefix):
+def test_mla_decode_rows_equal_the_torch_path(dtype, heads, rank, rope, prefix):
     gen = torch.Generator().manual_seed(heads + rank + prefix)
     d, slots_total = rank + rope, 700
     cache = torch.randn(slots_total, d, generator=gen).to(dtype)
@@ -146,7 +147,7 @@ def test_mla_decode_kernel_equals_the_torch_path(dtype, heads, rank, rope, prefi
         slots[b, :n] = own[b * 90 : b * 90 + n]
     scale = d ** -0.5
     want = _attend(q, cache, shared, slots, lens, scale, rank).float()
-    got = cpu_kernels().mla_decode(q, cache, shared, slots, lens, scale, rank)
+    got = cpu_kernels().mla_attend(q, cache, shared, slots, torch.arange(6), lens, scale, rank)
     assert got.dtype == dtype and got.shape == (6, heads, rank)
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -156,16 +157,55 @@ def test_mla_decode_kernel_equals_the_torch_path(dtype, heads, rank, rope, prefi
         assert (got.float() - want).abs().mean().item() <= 2 ** -9 * scale_out
 
 
-def test_mla_decode_refuses_slots_outside_the_cache():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,rank,rope", [(8, 128, 16), (4, 32, 8), (3, 64, 24)])
+@pytest.mark.parametrize("prefix", [0, 70])
+def test_mla_prefill_rows_equal_the_torch_path(dtype, heads, rank, rope, prefix):
+    """Many rows per sequence, each seeing its context up to itself (causal lengths), rows of
+    several sequences interleaved: on an AMX CPU in bf16 the tile path, with 32-pair tasks that
+    split a sequence's rows, contexts that are not multiples of 16 or 32, and a shared prefix."""
+    gen = torch.Generator().manual_seed(heads + rank + prefix + 1)
+    d, slots_total = rank + rope, 900
+    cache = torch.randn(slots_total, d, generator=gen).to(dtype)
+    perm = torch.randperm(slots_total - 1, generator=gen) + 1
+    shared, own = perm[:prefix], perm[prefix:]
+    ctx_lens, new = [45, 3, 130], [19, 3, 7]  # own context per sequence, of which the last `new` are prefill rows
+    slots = torch.zeros(3, 130, dtype=torch.long)
+    seq, lens = [], []
+    for b, (n, k) in enumerate(zip(ctx_lens, new)):
+        slots[b, :n] = own[b * 130 : b * 130 + n]
+        for j in range(k):
+            seq.append(b)
+            lens.append(n - k + j + 1)
+    order = torch.randperm(len(seq), generator=gen)  # rows need not be grouped by sequence
+    seq, lens = torch.tensor(seq)[order], torch.tensor(lens)[order]
+    q = torch.randn(len(seq), heads, d, generator=gen).to(dtype)
+    scale = d ** -0.5
+    want = _attend(q, cache, shared, slots, lens, scale, rank, seq).float()
+    got = cpu_kernels().mla_attend(q, cache, shared, slots, seq, lens, scale, rank)
+    assert got.dtype == dtype and got.shape == (len(seq), heads, rank)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        scale_out = want.abs().max().item()
+        assert (got.float() - want).abs().max().item() <= 2 ** -6 * scale_out
+        assert (got.float() - want).abs().mean().item() <= 2 ** -9 * scale_out
+    if dtype == torch.bfloat16 and _cpu_has_amx():
+        assert cpu_kernels().mla_attend_on_tiles(d, rank) == (rank % 32 == 0)
+
+
+def test_mla_attend_refuses_slots_outside_the_cache():
     ops = cpu_kernels()
     cache, q = torch.randn(10, 24), torch.randn(1, 2, 24)
-    none = torch.zeros(0, dtype=torch.long)
+    none, first = torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        ops.mla_decode(q, cache, none, torch.tensor([[3, 10]]), torch.tensor([2]), 1.0, 16)
+        ops.mla_attend(q, cache, none, torch.tensor([[3, 10]]), first, torch.tensor([2]), 1.0, 16)
     with pytest.raises(RuntimeError, match="has no context"):
-        ops.mla_decode(q, cache, none, torch.tensor([[3]]), torch.tensor([0]), 1.0, 16)
+        ops.mla_attend(q, cache, none, torch.tensor([[3]]), first, torch.tensor([0]), 1.0, 16)
     with pytest.raises(RuntimeError, match="share one dtype"):
-        ops.mla_decode(q.bfloat16(), cache, none, torch.tensor([[3]]), torch.tensor([1]), 1.0, 16)
+        ops.mla_attend(q.bfloat16(), cache, none, torch.tensor([[3]]), first, torch.tensor([1]), 1.0, 16)
+    with pytest.raises(RuntimeError, match="seq"):
+        ops.mla_attend(q, cache, none, torch.tensor([[3]]), torch.tensor([1]), torch.tensor([1]), 1.0, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -257,3 +297,39 @@ def test_amx_experts_equal_the_per_expert_loop():
     assert kernel_max_rows(cpu_kernels(), torch.float32) == 32
     if _cpu_has_amx():
         assert kernel_max_rows(cpu_kernels(), torch.bfloat16) == 2
+
+
+def test_bf16_steps_mixing_prefill_and_decode_rows_on_the_kernel_match_the_torch_path(tiny_ckpt):
+    """One mla_attend call per layer for every row of a step: decode rows and prefill chunks
+    (after a radix-shared prefix, and a fresh sequence beside them) give the torch path's logits
+    to bf16 rounding. On an AMX CPU the prefill rows take the tile path (kernel_prefill)."""
+    from expertmesh.actors.forward_batch import ForwardBatch
+    from expertmesh.actors.worker import ModelWorker, WorkerSpec
+
+    kern = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024))
+    plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, cpu_kernels=False))
+    if _cpu_has_amx():
+        assert all(layer.self_attn.kernel_prefill for layer in kern.model.layers)
+    prefix = torch.tensor([0] + [300 + 7 * i for i in range(99)])
+    pslots = torch.arange(1, 101)
+
+    def steps(worker):
+        model, kv = worker.model, worker.kv
+        model(ForwardBatch(prefix, torch.arange(100), pslots, [100], [pslots]).prepare(), kv)
+        dec_slot, ext_slots, fresh = torch.tensor([101]), torch.arange(102, 109), torch.arange(200, 220)
+        ids = torch.cat([torch.tensor([5]), torch.arange(60, 67), torch.arange(80, 100)])
+        pos = torch.cat([torch.tensor([100]), torch.arange(100, 107), torch.arange(20)])
+        ctx = [torch.cat([pslots, dec_slot]), torch.cat([pslots, ext_slots]), fresh]
+        mixed = ForwardBatch(ids, pos, torch.cat([dec_slot, ext_slots, fresh]), [1, 7, 20], ctx).prepare()
+        first = model.logits(model(mixed, kv)[mixed.last_token_index()])
+        # both continue by one decode row and one prefill chunk over the shared 100-token prefix
+        ctx2 = [torch.cat([ctx[0], torch.tensor([109])]), torch.cat([ctx[1], torch.arange(110, 113)])]
+        shared = ForwardBatch(torch.tensor([6, 70, 71, 72]), torch.tensor([101, 107, 108, 109]),
+                              torch.tensor([109, 110, 111, 112]), [1, 3], ctx2).prepare()
+        assert shared.attend_plan().shared.numel() == 100
+        second = model.logits(model(shared, kv)[shared.last_token_index()])
+        return torch.cat([first, second]).float()
+
+    got, want = steps(kern), steps(plain)
+    spread = (want.max(dim=-1).values - want.min(dim=-1).values).min().item()
+    assert (got - want).abs().max().item() <= 0.05 * spread

@@ -1,9 +1,11 @@
 """Multi-head latent attention (MLA) over the paged latent KV cache.
 
 New tokens' latents and rotated k_pe are written to their slots first; each sequence then attends
-over its whole context read back from the cache. Prefill chunks (a sequence with several new
-tokens, possibly after a cached prefix) run one sequence at a time with a causal mask; decode
-tokens of all sequences run together, padded to the longest context.
+over its whole context read back from the cache. On the CPU kernels every row of a step (decode
+rows, and on AMX CPUs bf16 prefill rows too) goes through one absorbed `mla_attend` call per layer
+(batch.attend_plan). Otherwise prefill chunks (a sequence with several new tokens, possibly after a
+cached prefix) run one sequence at a time with a causal mask, expanded as the reference computes
+them, and decode tokens of all sequences run together, padded to the longest context.
 """
 from __future__ import annotations
 
@@ -44,16 +46,28 @@ class MLAttention(nn.Module):
         self._w_uv_t: torch.Tensor | None = None  # [heads, rank, v]
         # the CPU kernels' ops (kernels/mla_cpu.cpp) once `use_kernel` found them; None: torch's ops
         self.kernel = None
+        self.kernel_prefill = False  # whether bf16 prefill rows take the kernel too (its AMX path)
 
     def use_kernel(self) -> bool:
-        """Decode attention through the CPU MLA kernel (built on first use): the context read at
-        its KV slots, no padded gather, no per-step bmm set-up. False on CUDA or with no compiler."""
+        """Attention through the CPU MLA kernel (built on first use): the context read at its KV
+        slots, no padded gather, no per-step bmm set-up. Decode rows always; where the CPU has AMX,
+        bf16 prefill rows too (absorbed, as tile GEMMs: the reference's per-sequence expansion of
+        the context through kv_b_proj is what a prefill spent its attention time on). fp32 prefill
+        keeps the reference's expanded form. False on CUDA or with no compiler."""
         if self.kv_a_layernorm.weight.device.type != "cpu":
             return False
         from .kernels import cpu_kernels
 
         self.kernel = cpu_kernels()
+        if self.kernel is not None:
+            self.kernel_prefill = self.kernel.mla_attend_on_tiles(self.kv_lora_rank + self.rope_dim, self.kv_lora_rank)
         return self.kernel is not None
+
+    def _on_kernel(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> bool:
+        if self.kernel is None or q.device.type != "cpu" or q.dtype != kv.joint.dtype:
+            return False
+        pure_decode = bool(batch.decode_seqs) and len(batch.decode_seqs) == q.shape[0]
+        return pure_decode or (self.kernel_prefill and q.dtype == torch.bfloat16)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -67,6 +81,8 @@ class MLAttention(nn.Module):
         k_rot = rope.rotate(k_rot.unsqueeze(1), cos, sin).squeeze(1)
         kv.write(self.layer, batch.out_slots, latent, k_rot)
 
+        if self._on_kernel(q, batch, kv):
+            return self.o_proj(self._attend_latent(q, batch, kv).reshape(t, self.num_heads * self.v_dim))
         if batch.decode_seqs and len(batch.decode_seqs) == t:  # pure decode: one row per sequence, in order
             return self.o_proj(self._decode(q, batch, kv).reshape(t, self.num_heads * self.v_dim))
         out = x.new_empty(t, self.num_heads, self.v_dim)
@@ -116,19 +132,26 @@ class MLAttention(nn.Module):
         w = weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope].contiguous(), w[:, self.nope :].transpose(1, 2).contiguous()
 
+    def _query_latent(self, q: torch.Tensor) -> torch.Tensor:
+        """[rows, heads, nope | rope] -> [rows, heads, rank | rope]: W_UK folded into the query."""
+        w_uk, _ = self._absorbed()
+        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [rows, heads, rank]
+        return torch.cat([q_lat, q_rot], dim=-1)
+
+    def _attend_latent(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
+        """Every row of the step in one CPU kernel call (batch.attend_plan), absorbed."""
+        plan = batch.attend_plan()
+        out_lat = self.kernel.mla_attend(self._query_latent(q), kv.joint[self.layer], plan.shared, plan.slots,
+                                         plan.seq, plan.lens, self.scale, self.kv_lora_rank)
+        return torch.bmm(out_lat.transpose(0, 1), self._absorbed()[1]).transpose(0, 1)  # [rows, heads, v]
+
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
         """Many sequences, one new token each, attending in the latent space (DeepSeek's absorbed
         MLA): W_UK folds into the query and W_UV into the output, so the cached latents are read
         as they are instead of being expanded to per-head keys and values every step."""
-        w_uk, w_uv_t = self._absorbed()
-        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)  # [B, heads, *]
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, heads, rank]
-        q_cat = torch.cat([q_lat, q_rot], dim=-1)  # [B, heads, rank + rope]
-        if self.kernel is not None and q_cat.device.type == "cpu" and q_cat.dtype == kv.joint.dtype:
-            shared = batch.decode_shared if batch.decode_shared is not None else batch.decode_lens[:0]
-            out_lat = self.kernel.mla_decode(q_cat, kv.joint[self.layer], shared, batch.decode_slots,
-                                             batch.decode_lens, self.scale, self.kv_lora_rank)
-            return torch.bmm(out_lat.transpose(0, 1), w_uv_t).transpose(0, 1)
+        w_uv_t = self._absorbed()[1]
+        q_cat = self._query_latent(q)  # [B, heads, rank + rope]
         ctx = kv.read_joint(self.layer, batch.decode_slots)  # [B, L, rank + rope]: latent, k_pe
         # one matmul over [rank | rope]: q_lat . latent + q_rot . k_pe
         scores = torch.matmul(q_cat, ctx.transpose(1, 2))  # [B, heads, L]

