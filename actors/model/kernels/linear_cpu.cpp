@@ -104,7 +104,7 @@ void linear_packed_amx(const bf16* X, int64_t M, int64_t K, const bf16* W, int64
     std::vector<float> C(Mp * 32);
     for (int64_t p = begin; p < end; ++p) {
       const bf16* b0 = W + (2 * p) * K2 * 32;
-      amx_pairs_32(A, K, Mp, b0, b0 + K2 * 32, K2, C.data());
+      amx_pairs_32(A, K, Mp, b0, b0 + K2 * 32, K2, C.data(), p + 1 < end ? b0 + 2 * K2 * 32 : nullptr);
       const int64_t n0 = 2 * p * 16, nr = std::min<int64_t>(32, n_out - n0);
       for (int64_t j = 0; j < M; ++j)
         for (int64_t n = 0; n < nr; ++n) O[j * n_out + n0 + n] = static_cast<bf16>(C[j * 32 + n]);

@@ -67,17 +67,20 @@ void pack_tokens(const bf16* X, int64_t m, int64_t K, bf16* P) {
 
 // C0 += A0 . B0, C1 += A1 . B0 (and with B1 into C2, C3 when `two`) over K = 32 * chunks, A0/A1
 // dense weight rows with `lda` elements per row, B0 the pair-packed tokens (B1 = B0 + the next
-// block). Prefetches the weight lines a few chunks ahead: 32 rows read 64 bytes at a time are more
-// streams than the hardware prefetcher follows.
+// block). The 16 rows of A0 (and of A1) are one contiguous region, and the next task's rows lie
+// `ahead` rows further (0: no prefetch): each chunk fetches 1 KB of both next regions into L2, so
+// the weights stream (32 rows read 64 bytes at a time are more streams than the hardware
+// prefetcher follows).
 inline void amx_weight_tokens(const bf16* A0, const bf16* A1, int64_t lda, const bf16* B0, const bf16* B1,
-                              int64_t chunks, bool two) {
-  constexpr int64_t AHEAD = 4;
-  const int64_t stride = lda * 2;
+                              int64_t chunks, bool two, int64_t ahead) {
+  const int64_t stride = lda * 2, per_chunk = 16 * lda * 2 / chunks;
+  const char* next0 = reinterpret_cast<const char*>(A0 + ahead * lda);
+  const char* next1 = reinterpret_cast<const char*>(A1 + ahead * lda);
   for (int64_t kc = 0; kc < chunks; ++kc) {
-    if (kc + AHEAD < chunks)
-      for (int r = 0; r < 16; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(A0 + r * lda + (kc + AHEAD) * 32), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(A1 + r * lda + (kc + AHEAD) * 32), _MM_HINT_T0);
+    if (ahead > 0)
+      for (int64_t o = kc * per_chunk; o < (kc + 1) * per_chunk; o += 64) {
+        _mm_prefetch(next0 + o, _MM_HINT_T1);
+        _mm_prefetch(next1 + o, _MM_HINT_T1);
       }
     _tile_loadd(4, A0 + kc * 32, stride);
     _tile_loadd(5, A1 + kc * 32, stride);
@@ -140,7 +143,7 @@ void grouped_ffn_amx(const bf16* X, const bf16* W13, const bf16* W2, int64_t H, 
         _tile_zero(2);
         _tile_zero(3);
         const bf16* b0 = xp + (pstart[i] + tb) * H2 * 2 * TB;
-        amx_weight_tokens(gate, up, H, b0, b0 + H2 * 2 * TB, H / 32, two);
+        amx_weight_tokens(gate, up, H, b0, b0 + H2 * 2 * TB, H / 32, two, tb == 0 ? 16 : 0);
         _tile_stored(0, C[0], 64);
         _tile_stored(1, C[1], 64);
         if (two) {
@@ -184,7 +187,7 @@ void grouped_ffn_amx(const bf16* X, const bf16* W13, const bf16* W2, int64_t H, 
         _tile_zero(2);
         _tile_zero(3);
         const bf16* b0 = ap + (pstart[i] + tb) * I2 * 2 * TB;
-        amx_weight_tokens(w, w + 16 * I, I, b0, b0 + I2 * 2 * TB, I / 32, two);
+        amx_weight_tokens(w, w + 16 * I, I, b0, b0 + I2 * 2 * TB, I / 32, two, tb == 0 ? 32 : 0);
         _tile_stored(0, C[0], 64);
         _tile_stored(1, C[1], 64);
         if (two) {
