@@ -308,8 +308,12 @@ def test_bf16_steps_mixing_prefill_and_decode_rows_on_the_kernel_match_the_torch
 
     kern = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024))
     plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, cpu_kernels=False))
-    if _cpu_has_amx():
+    if _cpu_has_amx():  # ... and its dense linears take the pair kernel (kv_b_proj stays dense)
+        from expertmesh.actors.model.packed import PairPackedLinear
+
         assert all(layer.self_attn.kernel_prefill for layer in kern.model.layers)
+        attn = kern.model.layers[0].self_attn
+        assert isinstance(attn.o_proj, PairPackedLinear) and type(attn.kv_b_proj) is torch.nn.Linear
     prefix = torch.tensor([0] + [300 + 7 * i for i in range(99)])
     pslots = torch.arange(1, 101)
 

@@ -37,7 +37,7 @@ def test_can_pack_says_whether_onednn_packs_on_this_cpu(tiny_ckpt):
     except RuntimeError:
         runs = False
     assert can_pack(weight) == runs
-    worker = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=256, prepack=True))
+    worker = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=256, prepack=True, cpu_kernels=False))
     assert any(isinstance(m, PackedLinear) for m in worker.model.modules()) == runs
 
 

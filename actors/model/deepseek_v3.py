@@ -18,7 +18,7 @@ from .fp8 import FP8_DTYPES, Fp8Tensor, convert_linears, tensor_bytes
 from .int8 import Int8Linear
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
-from .packed import PackedLinear, PairPackedLinear, prepack_linears
+from .packed import PackedLinear, PairPackedLinear, pair_pack_linears, prepack_linears
 from .rope import RotaryEmbedding
 from ..profiling import NULL_PROFILER, StepProfiler
 
@@ -101,6 +101,11 @@ class DeepseekV3Model(nn.Module):
             if (self.head_kernel is not None and type(head) is nn.Linear and head.weight.dtype == torch.bfloat16
                     and self.head_kernel.has_packed_linear() and not self.config.tie_word_embeddings):
                 self.lm_head = PairPackedLinear(head, self.head_kernel)
+            if self.head_kernel is not None and self.head_kernel.has_amx():
+                # every other bf16 linear too (kv_b_proj stays dense: absorbed attention reads it;
+                # a tied embedding keeps its table)
+                keep = ("kv_b_proj",) + (("lm_head",) if self.config.tie_word_embeddings else ())
+                n += pair_pack_linears(self, self.head_kernel, keep_dense=keep)
         return n
 
     def int8_lm_head(self) -> None:
@@ -127,7 +132,10 @@ class DeepseekV3Model(nn.Module):
         "scales" (their fp32 block scales), "dense" (everything else, prepacked copies included), and "int8" (the int8 lm_head, when that
         speed mode is on)."""
         out = {"fp8": 0, "scales": 0, "dense": 0}
+        pair_packed = {f"{name}.packed" for name, mod in self.named_modules() if isinstance(mod, PairPackedLinear)}
         for name, p in self.named_parameters():
+            if name in pair_packed:  # counted below at their dense size, as oneDNN's packed weights
+                continue
             if p.dtype in FP8_DTYPES:
                 out["fp8"] += tensor_bytes(p)
             elif name.endswith("scale_inv"):
@@ -135,7 +143,7 @@ class DeepseekV3Model(nn.Module):
             else:
                 out["dense"] += tensor_bytes(p)
         for mod in self.modules():  # oneDNN-packed (bf16) weights are not parameters: their dense size
-            if isinstance(mod, PackedLinear):
+            if isinstance(mod, (PackedLinear, PairPackedLinear)):  # (pair packing pads rows to 32)
                 out["dense"] += mod.in_features * mod.out_features * 2
             elif isinstance(mod, Int8Linear):
                 out["int8"] = out.get("int8", 0) + mod.weight_bytes

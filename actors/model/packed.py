@@ -103,6 +103,24 @@ class PairPackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, vdpbf16ps pairs"
 
 
+def pair_pack_linears(model: nn.Module, ops, keep_dense: tuple[str, ...] = ()) -> int:
+    """Replaces every bias-free bf16 nn.Linear with an even input width by a PairPackedLinear,
+    except modules whose name ends with one of `keep_dense`; for CPUs with AMX, where the kernel's
+    tile path serves prefill-sized inputs too. At decode sizes oneDNN's packed matmul pays ~20 us
+    of set-up per call: the pair kernel is 2-4x faster at 1-32 rows for the attention and shared-
+    expert linears of `small`, 0.85-1.0x at 512 rows (an AMX Xeon, 2 threads). Returns how many."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if type(mod) is nn.Linear and mod.bias is None and mod.weight.dtype == torch.bfloat16
+               and mod.weight.device.type == "cpu" and mod.in_features % 2 == 0 and not name.endswith(keep_dense)]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PairPackedLinear(mod, ops))
+    if targets:
+        log.info("packed %d linears in vdpbf16ps / AMX pairs", len(targets))
+    return len(targets)
+
+
 def prepack_linears(model: nn.Module, keep_dense: tuple[str, ...] = ()) -> int:
     """Replaces every packable bias-free nn.Linear in `model` by a PackedLinear, except modules
     whose name ends with one of `keep_dense` (their dense weight is read directly elsewhere).
