@@ -101,6 +101,11 @@ class DeepseekV3Model(nn.Module):
             if (self.head_kernel is not None and type(head) is nn.Linear and head.weight.dtype == torch.bfloat16
                     and self.head_kernel.has_packed_linear() and not self.config.tie_word_embeddings):
                 self.lm_head = PairPackedLinear(head, self.head_kernel)
+            if self.head_kernel is not None:
+                for mod in self.modules():
+                    if isinstance(mod, RMSNorm):
+                        mod.kernel = self.head_kernel
+                        n += 1
             if self.head_kernel is not None and self.head_kernel.has_amx():
                 # every other bf16 linear too (kv_b_proj stays dense: absorbed attention reads it;
                 # a tied embedding keeps its table)
