@@ -357,3 +357,15 @@ def test_rms_norm_kernel_equals_the_reference_order():
     torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=0)
     with pytest.raises(RuntimeError, match="bfloat16"):
         cpu_kernels().rms_norm(x.float(), norm.weight, 1e-6)
+
+
+def test_bmm_small_equals_torch_bmm():
+    """The absorbed-attention per-head matmuls: a transposed (strided) x, tails of the vector width."""
+    gen = torch.Generator().manual_seed(11)
+    for h, m, k, n in ((8, 1, 32, 128), (8, 32, 128, 32), (3, 5, 40, 50)):
+        x = torch.randn(m, h, k, generator=gen).to(torch.bfloat16).transpose(0, 1)
+        w = torch.randn(h, k, n, generator=gen).to(torch.bfloat16)
+        want = torch.bmm(x.float(), w.float())
+        got = cpu_kernels().bmm_small(x, w)
+        assert got.dtype == torch.bfloat16 and got.shape == (h, m, n)
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())

@@ -21,6 +21,11 @@ from .layers import RMSNorm
 from .rope import RotaryEmbedding, softmax_scale
 
 
+# Above this many multiply-adds a per-head matmul goes to torch.bmm (oneDNN blocks it; the kernel's
+# vector loop runs ~60 GFMA/s here): `small` at batch 32 is ~1M, DeepSeek-R1's W_UK at batch 1 8M.
+BMM_KERNEL_MAX_MACS = 4 * 1024 * 1024
+
+
 class MLAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -132,11 +137,19 @@ class MLAttention(nn.Module):
         w = weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope].contiguous(), w[:, self.nope :].transpose(1, 2).contiguous()
 
+    def _bmm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """torch.bmm, or at decode sizes in bf16 the CPU kernels' bmm_small (torch's pays ~50 us of
+        set-up per call for these shapes: 8 calls a step)."""
+        if (self.kernel is not None and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+                and x.device.type == "cpu" and x.numel() * w.shape[-1] <= BMM_KERNEL_MAX_MACS):
+            return self.kernel.bmm_small(x, w)
+        return torch.bmm(x, w)
+
     def _query_latent(self, q: torch.Tensor) -> torch.Tensor:
         """[rows, heads, nope | rope] -> [rows, heads, rank | rope]: W_UK folded into the query."""
         w_uk, _ = self._absorbed()
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [rows, heads, rank]
+        q_lat = self._bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [rows, heads, rank]
         return torch.cat([q_lat, q_rot], dim=-1)
 
     def _attend_latent(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
@@ -144,7 +157,7 @@ class MLAttention(nn.Module):
         plan = batch.attend_plan()
         out_lat = self.kernel.mla_attend(self._query_latent(q), kv.joint[self.layer], plan.shared, plan.slots,
                                          plan.seq, plan.lens, self.scale, self.kv_lora_rank)
-        return torch.bmm(out_lat.transpose(0, 1), self._absorbed()[1]).transpose(0, 1)  # [rows, heads, v]
+        return self._bmm(out_lat.transpose(0, 1), self._absorbed()[1]).transpose(0, 1)  # [rows, heads, v]
 
     def _decode(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
         """Many sequences, one new token each, attending in the latent space (DeepSeek's absorbed

@@ -170,6 +170,43 @@ bool has_packed_linear() {
 #endif
 }
 
+// ---- per-head matmuls of absorbed MLA at decode sizes ------------------------------------------
+// out[h] = x[h] . w[h] for x [H, M, K] (any strides), w [H, K, N] contiguous: the W_UK / W_UV
+// products of absorbed attention. torch's bf16 bmm pays ~50 us of set-up for these few-row shapes;
+// here each output row is K vector FMAs over N (fp32 accumulation, rounded once, as bmm rounds).
+at::Tensor bmm_small(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "bmm_small: CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bmm_small: bfloat16");
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && x.size(0) == w.size(0) && x.size(2) == w.size(1),
+              "bmm_small: x [H, M, K], w [H, K, N]");
+  at::Tensor wc = w.contiguous();
+  const int64_t H = x.size(0), M = x.size(1), K = x.size(2), N = w.size(2);
+  const int64_t sh = x.stride(0), sm = x.stride(1), sk = x.stride(2);
+  at::Tensor out = at::empty({H, M, N}, x.options());
+  const bf16* X = x.data_ptr<bf16>();
+  const bf16* W = wc.data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  at::parallel_for(0, H * M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(N);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t / M, m = t % M;
+      const bf16* xr = X + h * sh + m * sm;
+      const bf16* wh = W + h * K * N;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        const vec xv = vset1(widen(xr[k * sk]));
+        const bf16* wr = wh + k * N;
+        int64_t n = 0;
+        for (; n + VL <= N; n += VL) vstore(acc.data() + n, vfma(xv, vload(wr + n), vload(acc.data() + n)));
+        for (; n < N; ++n) acc[n] += widen(xr[k * sk]) * widen(wr[n]);
+      }
+      bf16* o = O + t * N;
+      for (int64_t n = 0; n < N; ++n) o[n] = static_cast<bf16>(acc[n]);
+    }
+  });
+  return out;
+}
+
 // Whether this build and this process run AMX tiles (linear_packed uses them from AMX_MIN_ROWS rows).
 bool has_amx() {
 #if defined(EXPERTMESH_AMX)
@@ -185,6 +222,7 @@ TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
   m.def("linear_small(Tensor x, Tensor w) -> Tensor");
   m.def("has_packed_linear() -> bool", &has_packed_linear);
   m.def("has_amx() -> bool", &has_amx);
+  m.def("bmm_small(Tensor x, Tensor w) -> Tensor");
 #if defined(__AVX512BF16__)
   m.def("linear_packed(Tensor x, Tensor wp, int n_out) -> Tensor");
 #endif
@@ -192,6 +230,7 @@ TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
 
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
   m.impl("linear_small", &linear_small);
+  m.impl("bmm_small", &bmm_small);
 #if defined(__AVX512BF16__)
   m.impl("linear_packed", &linear_packed);
 #endif
