@@ -112,6 +112,7 @@ class ModelWorker:
         self.kv = MLAKVCache(self.config.num_hidden_layers, spec.kv_slots, self.config.kv_lora_rank,
                              self.config.qk_rope_head_dim, dtype, self.device)
         self.sampler = Sampler(seed=spec.seed)
+        self.sampler.kernel = self.model.head_kernel  # None without the CPU kernels
         self.states: dict[str, SamplingState] = {}
         self._load_history: deque[tuple[float, torch.Tensor]] = deque()
         self.slots: dict[str, torch.Tensor] = {}

@@ -44,8 +44,14 @@ def test_first_argmax_equals_argmax(vocab: int, dtype: torch.dtype, device: str)
     logits[3, 10] = logits[3, 11] = top  # tie inside a block
     logits[4] = 0.5  # all equal
     logits[5, vocab // 2] = float("nan")  # NaN wins, as in max()
+    logits[6] = float("-inf")  # all -inf: the first id
     assert first_argmax(logits).tolist() == logits.max(dim=-1).indices.tolist()
     assert first_argmax(logits)[:5].tolist() == logits[:5].argmax(dim=-1).tolist()
+    if device == "cpu":  # the CPU kernels' one-pass argmax (actors/model/kernels/argmax_cpu.cpp)
+        from expertmesh.actors.model.kernels import cpu_kernels
+
+        if cpu_kernels() is not None:
+            assert first_argmax(logits, cpu_kernels()).tolist() == logits.max(dim=-1).indices.tolist()
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy() -> None:

@@ -241,10 +241,10 @@ class ExpertWeights(nn.Module):
 # kernel is 1.6x the grouped GEMMs at ~19 rows per expert, 0.8x at ~63).
 KERNEL_MAX_ROWS = 32
 # Where the CPU has AMX (kernels/amx.h), experts with more bf16 rows than this take the tile unit
-# instead: measured on an AMX Xeon (`small`, 2 threads), with the vector kernel below it, a MoE layer
-# is 1.2x at 32 tokens, 2x at 64, 3.4x at 128 and 1.4x oneDNN at 4096; at 1-2 rows per expert the
-# tile's 16-row padding costs more than the vector kernel's horizontal sums.
-AMX_KERNEL_MAX_ROWS = 2
+# instead: measured on an AMX Xeon (`small`, 2 threads, weights cold in DRAM as in a real step), a
+# MoE layer is 1.35x the vector kernel at 32 tokens, 1.75x at 64 (3.4x at 128 and 1.4x oneDNN at
+# 4096, warm); an expert with a single row is faster on the vector kernel (0.10 vs 0.16 ms at 1 token).
+AMX_KERNEL_MAX_ROWS = 1
 
 
 def kernel_max_rows(kernel, dtype: torch.dtype) -> int:
