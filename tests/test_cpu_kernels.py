@@ -267,10 +267,15 @@ def test_pair_packed_head_equals_f_linear():
 
 
 def _cpu_has_amx() -> bool:
-    from expertmesh.actors.model.kernels import _cpu_flags
+    """Whether the AMX paths must run here: the CPU has AMX, the kernels are built for it
+    (-march=native) and EXPERTMESH_AMX=0 does not turn them off."""
+    import os
+
+    from expertmesh.actors.model.kernels import _cpu_flags, _march
 
     flags = set(_cpu_flags().split())
-    return {"amx_tile", "amx_bf16"} <= flags
+    return ({"amx_tile", "amx_bf16"} <= flags and _march() == "native"
+            and os.environ.get("EXPERTMESH_AMX", "1") != "0")
 
 
 def test_the_tile_unit_is_used_where_the_cpu_has_it():
