@@ -385,7 +385,8 @@ void attend_amx(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& 
         if (P > 0) to_probs(a, P, inv, p_sh.data() + m * P32, P32);
         if (o32 > 0) to_probs(c, len, inv, p_own.data() + m * W32, o32);
       }
-      for (int64_t m = pairs; m < PAIRS; ++m) {  // rows past the task's pairs: zero probabilities
+      // rows past the task's pairs, up to the A tiles it runs (one under 17 pairs): zero probabilities
+      for (int64_t m = pairs; m < (pairs > 16 ? PAIRS : 16); ++m) {
         if (P > 0) std::fill(p_sh.begin() + m * P32, p_sh.begin() + (m + 1) * P32, bf16(0.f));
         if (o32 > 0) std::fill(p_own.begin() + m * W32, p_own.begin() + m * W32 + o32, bf16(0.f));
       }
