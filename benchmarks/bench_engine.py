@@ -408,6 +408,8 @@ def ab_main(args) -> int:
     for rep in range(repeats):
         for side in (("base", "new") if rep % 2 == 0 else ("new", "base")):
             env = {**os.environ, "EXPERTMESH_AB_ACTORS": sides[side]}
+            if side == "base":  # its CPU kernels build apart: one shared build dir would rebuild every switch
+                env["EXPERTMESH_KERNEL_DIR"] = str(base_dir / "kernels")
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("AB-RESULT ")), None)
             if line is None:
