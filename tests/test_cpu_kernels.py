@@ -255,7 +255,7 @@ def test_pair_packed_head_equals_f_linear():
     with torch.no_grad():
         lin.weight.copy_(torch.randn(1000, 96, generator=gen) * 0.1)
     head = PairPackedLinear(lin, cpu_kernels())
-    for m in (1, 5, 6, 13, 16, 40):  # from 4 rows on an AMX CPU: the tile path, 16-row tails
+    for m in (1, 5, 6, 13, 16, 40, 300):  # from 4 rows on AMX: tiles, 16-row tails, 128-row chunks
         x = torch.randn(m, 96, generator=gen).to(torch.bfloat16)
         want = torch.nn.functional.linear(x.float(), lin.weight.float())
         got = head(x)

@@ -89,9 +89,13 @@ inline void packed_tile(const bf16* b0, const bf16* b1, const bf16* x, int64_t K
 // 129k x 512 head); below it the weight's bytes bound both.
 constexpr int64_t AMX_MIN_ROWS = 4;
 
-// linear_packed on the tile unit: rows padded to 16 (zeros), 32 outputs per task.
+// linear_packed on the tile unit: rows padded to 16 (zeros); a task is 32 outputs of up to 128
+// rows, tasks ordered row chunk by row chunk, so a thread's rows stay in L2 while the weight
+// blocks stream past them (one task per 32 outputs over all rows re-read the whole input from L3
+// per task: 2-2.7x oneDNN's time at 4096 rows).
 void linear_packed_amx(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O) {
-  const int64_t K2 = K / 2, Mp = (M + 15) / 16 * 16;
+  constexpr int64_t MC = 128;
+  const int64_t K2 = K / 2, Mp = (M + 15) / 16 * 16, NP = NB / 2, chunks = (Mp + MC - 1) / MC;
   std::vector<bf16> padded;
   const bf16* A = X;
   if (Mp != M) {
@@ -99,15 +103,17 @@ void linear_packed_amx(const bf16* X, int64_t M, int64_t K, const bf16* W, int64
     std::memcpy(padded.data(), X, M * K * sizeof(bf16));
     A = padded.data();
   }
-  at::parallel_for(0, NB / 2, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks * NP, 4, [&](int64_t begin, int64_t end) {
     TileScope tiles;
-    std::vector<float> C(Mp * 32);
-    for (int64_t p = begin; p < end; ++p) {
+    std::vector<float> C(std::min(MC, Mp) * 32);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t mc = t / NP, p = t % NP, m0 = mc * MC, rows = std::min(MC, Mp - m0);
       const bf16* b0 = W + (2 * p) * K2 * 32;
-      amx_pairs_32(A, K, Mp, b0, b0 + K2 * 32, K2, C.data(), p + 1 < end ? b0 + 2 * K2 * 32 : nullptr);
+      const bf16* next = t + 1 < end ? W + (2 * ((t + 1) % NP)) * K2 * 32 : nullptr;
+      amx_pairs_32(A + m0 * K, K, rows, b0, b0 + K2 * 32, K2, C.data(), next);
       const int64_t n0 = 2 * p * 16, nr = std::min<int64_t>(32, n_out - n0);
-      for (int64_t j = 0; j < M; ++j)
-        for (int64_t n = 0; n < nr; ++n) O[j * n_out + n0 + n] = static_cast<bf16>(C[j * 32 + n]);
+      for (int64_t j = 0; j < rows && m0 + j < M; ++j)
+        for (int64_t n = 0; n < nr; ++n) O[(m0 + j) * n_out + n0 + n] = static_cast<bf16>(C[j * 32 + n]);
     }
   });
 }
