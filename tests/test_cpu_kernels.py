@@ -131,6 +131,16 @@ def _attend(q, cache, shared, slots, lens, scale, rank, seq=None):
     return torch.stack(out)
 
 
+def _assert_attention_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp32: to rounding; bf16: within the bf16 steps of the scores, probabilities and output."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        scale_out = want.abs().max().item()
+        assert (got.float() - want).abs().max().item() <= 2 ** -6 * scale_out
+        assert (got.float() - want).abs().mean().item() <= 2 ** -9 * scale_out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,rank,rope", [(8, 128, 16), (5, 32, 8), (3, 40, 24)])
 @pytest.mark.parametrize("prefix", [0, 37])
@@ -149,12 +159,7 @@ def test_mla_decode_rows_equal_the_torch_path(dtype, heads, rank, rope, prefix):
     want = _attend(q, cache, shared, slots, lens, scale, rank).float()
     got = cpu_kernels().mla_attend(q, cache, shared, slots, torch.arange(6), lens, scale, rank)
     assert got.dtype == dtype and got.shape == (6, heads, rank)
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    else:
-        scale_out = want.abs().max().item()
-        assert (got.float() - want).abs().max().item() <= 2 ** -6 * scale_out
-        assert (got.float() - want).abs().mean().item() <= 2 ** -9 * scale_out
+    _assert_attention_close(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -184,12 +189,7 @@ def test_mla_prefill_rows_equal_the_torch_path(dtype, heads, rank, rope, prefix)
     want = _attend(q, cache, shared, slots, lens, scale, rank, seq).float()
     got = cpu_kernels().mla_attend(q, cache, shared, slots, seq, lens, scale, rank)
     assert got.dtype == dtype and got.shape == (len(seq), heads, rank)
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    else:
-        scale_out = want.abs().max().item()
-        assert (got.float() - want).abs().max().item() <= 2 ** -6 * scale_out
-        assert (got.float() - want).abs().mean().item() <= 2 ** -9 * scale_out
+    _assert_attention_close(got, want)
     if dtype == torch.bfloat16 and _cpu_has_amx():
         assert cpu_kernels().mla_attend_on_tiles(d, rank) == (rank % 32 == 0)
 

@@ -65,6 +65,24 @@ class TileScope {
   TileScope& operator=(const TileScope&) = delete;
 };
 
+// Zeroes the four accumulators (tmm0-3).
+inline void tiles_zero4() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// Stores accumulators 0 and 1 (and 2 and 3 when `both`) to c[0..3], `stride` bytes per row.
+inline void tiles_store4(float* const c[4], int64_t stride, bool both) {
+  _tile_stored(0, c[0], stride);
+  _tile_stored(1, c[1], stride);
+  if (both) {
+    _tile_stored(2, c[2], stride);
+    _tile_stored(3, c[3], stride);
+  }
+}
+
 // C[m, 0:32] = A[m, :] . (blocks b0 and b1 of the pair layout) for m in [0, rows), rows a multiple
 // of 16: A bf16 with `lda` elements per row (K = 2 * k2s of them used), b0/b1 the two 16-output
 // blocks (each k2s x 16 x 2 bf16, contiguous), C fp32 with 32 per row. k2s a multiple of 16.
@@ -78,12 +96,7 @@ inline void amx_pairs_32(const c10::BFloat16* A, int64_t lda, int64_t rows, cons
     const bool two = m0 + 16 < rows;
     const c10::BFloat16* a0 = A + m0 * lda;
     const c10::BFloat16* a1 = a0 + 16 * lda;
-    _tile_zero(0);
-    _tile_zero(1);
-    if (two) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
+    tiles_zero4();
     for (int64_t k2 = 0; k2 < k2s; k2 += 16) {
       if (next != nullptr && m0 == 0)
         for (int64_t line = 0; line < 2 * 16 * 64; line += 64)  // 1 KB of each of the next two blocks
@@ -100,12 +113,8 @@ inline void amx_pairs_32(const c10::BFloat16* A, int64_t lda, int64_t rows, cons
         _tile_dpbf16ps(3, 5, 7);
       }
     }
-    _tile_stored(0, C + m0 * 32, 128);
-    _tile_stored(1, C + m0 * 32 + 16, 128);
-    if (two) {
-      _tile_stored(2, C + (m0 + 16) * 32, 128);
-      _tile_stored(3, C + (m0 + 16) * 32 + 16, 128);
-    }
+    float* const c[4] = {C + m0 * 32, C + m0 * 32 + 16, C + (m0 + 16) * 32, C + (m0 + 16) * 32 + 16};
+    tiles_store4(c, 128, two);
   }
 }
 

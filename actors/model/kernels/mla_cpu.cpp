@@ -184,10 +184,7 @@ inline void amx_scores(const bf16* qa, int64_t Dp, int64_t rows, const bf16* kt,
   const bool two_rows = rows > 16;
   for (int64_t blk = 0; blk < nb; blk += 2) {
     const bool two = blk + 1 < nb;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    tiles_zero4();
     const bf16* b0 = kt + blk * D2 * 32;
     for (int64_t kc = 0; kc < Dp / 32; ++kc) {
       _tile_loadd(4, qa + kc * 32, Dp * 2);

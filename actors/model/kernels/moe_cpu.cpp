@@ -138,18 +138,11 @@ void grouped_ffn_amx(const bf16* X, const bf16* W13, const bf16* W2, int64_t H, 
       const int64_t tbs = pstart[i + 1] - pstart[i];
       for (int64_t tb = 0; tb < tbs; tb += 2) {
         const bool two = tb + 1 < tbs;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        tiles_zero4();
         const bf16* b0 = xp + (pstart[i] + tb) * H2 * 2 * TB;
         amx_weight_tokens(gate, up, H, b0, b0 + H2 * 2 * TB, H / 32, two, tb == 0 ? 16 : 0);
-        _tile_stored(0, C[0], 64);
-        _tile_stored(1, C[1], 64);
-        if (two) {
-          _tile_stored(2, C[2], 64);
-          _tile_stored(3, C[3], 64);
-        }
+        float* const c[4] = {C[0], C[1], C[2], C[3]};
+        tiles_store4(c, 64, two);
         for (int half = 0; half < (two ? 2 : 1); ++half) {
           const int64_t blk = tb + half, valid = std::min<int64_t>(TB, m - blk * TB);
           const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
@@ -182,18 +175,11 @@ void grouped_ffn_amx(const bf16* X, const bf16* W13, const bf16* W2, int64_t H, 
       const int64_t tbs = pstart[i + 1] - pstart[i];
       for (int64_t tb = 0; tb < tbs; tb += 2) {
         const bool two = tb + 1 < tbs;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        tiles_zero4();
         const bf16* b0 = ap + (pstart[i] + tb) * I2 * 2 * TB;
         amx_weight_tokens(w, w + 16 * I, I, b0, b0 + I2 * 2 * TB, I / 32, two, tb == 0 ? 32 : 0);
-        _tile_stored(0, C[0], 64);
-        _tile_stored(1, C[1], 64);
-        if (two) {
-          _tile_stored(2, C[2], 64);
-          _tile_stored(3, C[3], 64);
-        }
+        float* const c[4] = {C[0], C[1], C[2], C[3]};
+        tiles_store4(c, 64, two);
         for (int half = 0; half < (two ? 2 : 1); ++half) {
           const int64_t blk = tb + half, valid = std::min<int64_t>(TB, m - blk * TB);
           for (int64_t t = 0; t < valid; ++t) {  // C is [hidden row][token]: a column per output row
