@@ -374,3 +374,31 @@ def test_bmm_small_equals_torch_bmm():
         got = cpu_kernels().bmm_small(x, w)
         assert got.dtype == torch.bfloat16 and got.shape == (h, m, n)
         torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("groups,topk_group,top_k", [(8, 4, 6), (1, 1, 2), (4, 2, 3)])
+def test_moe_route_kernel_selects_the_references_experts(groups, topk_group, top_k):
+    """The noaux_tc selection after the router matmul: the same expert set per token and the same
+    weights (to the last bit of the normalisation's order) as the gate's torch path."""
+    from expertmesh.actors.model.config import ModelConfig
+    from expertmesh.actors.model.gate import NoAuxTCGate
+    from expertmesh.cluster.devtools.checkpoints import hub_config
+
+    gen = torch.Generator().manual_seed(groups + top_k)
+    cfg = ModelConfig.from_dict(hub_config("tiny", overrides={
+        "hidden_size": 48, "n_routed_experts": 32, "num_experts_per_tok": top_k, "n_group": groups,
+        "topk_group": topk_group, "norm_topk_prob": True, "routed_scaling_factor": 2.5}))
+    gate = NoAuxTCGate(cfg)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(32, 48, generator=gen))
+        gate.e_score_correction_bias.copy_(torch.randn(32, generator=gen) * 0.1)
+    x = torch.randn(40, 48, generator=gen).to(torch.bfloat16)
+    want_ids, want_w = gate(x)
+    gate.kernel = cpu_kernels()
+    got_ids, got_w = gate(x)
+    assert got_ids.dtype == torch.int64 and got_ids.shape == (40, top_k) and got_w.dtype == torch.float32
+    order_want, order_got = want_ids.argsort(dim=1), got_ids.argsort(dim=1)
+    assert torch.equal(want_ids.gather(1, order_want), got_ids.gather(1, order_got))
+    torch.testing.assert_close(got_w.gather(1, order_got), want_w.gather(1, order_want), rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="groups"):
+        cpu_kernels().moe_route(torch.rand(2, 30), torch.zeros(30), 4, 2, 3, True, 1.0)

@@ -15,6 +15,7 @@ from ..kv_cache import MLAKVCache
 from .attention import MLAttention
 from .config import ModelConfig
 from .fp8 import FP8_DTYPES, Fp8Tensor, convert_linears, tensor_bytes
+from .gate import NoAuxTCGate
 from .int8 import Int8Linear
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
@@ -103,7 +104,7 @@ class DeepseekV3Model(nn.Module):
                 self.lm_head = PairPackedLinear(head, self.head_kernel)
             if self.head_kernel is not None:
                 for mod in self.modules():
-                    if isinstance(mod, RMSNorm):
+                    if isinstance(mod, (RMSNorm, NoAuxTCGate)):
                         mod.kernel = self.head_kernel
                         n += 1
             if self.head_kernel is not None and self.head_kernel.has_amx():
