@@ -350,6 +350,34 @@ void attend_amx(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& 
   }
   const int64_t P32 = up_to(P, 32), W32 = up_to(widest, 32);
   const float sc = static_cast<float>(scale);
+  // The shared prefix against all (row, head) pairs at once, 32 pairs of any sequences per tile
+  // task (a decode sequence has only H pairs: per sequence its tiles ran half empty), when the
+  // whole [pairs, P] score matrix is small (decode batches; a long prefill keeps it per task).
+  const int64_t G = R * H, G32 = up_to(G, 32);
+  const bool batched = P > 0 && G32 * P32 * 4 <= (int64_t{32} << 20);
+  thread_local std::vector<bf16> qa_buf, pr_buf;
+  thread_local std::vector<float> sc_buf, ob_buf;
+  bf16 *qa_all = nullptr, *p_all = nullptr;
+  float *s_all = nullptr, *o_all = nullptr;
+  if (batched) {
+    qa_buf.resize(std::max<size_t>(qa_buf.size(), G32 * Dp));
+    pr_buf.resize(std::max<size_t>(pr_buf.size(), G32 * P32));
+    sc_buf.resize(std::max<size_t>(sc_buf.size(), G32 * P32));
+    ob_buf.resize(std::max<size_t>(ob_buf.size(), G32 * rank));
+    qa_all = qa_buf.data(), p_all = pr_buf.data(), s_all = sc_buf.data(), o_all = ob_buf.data();
+    at::parallel_for(0, G32 / PAIRS, 1, [&](int64_t begin, int64_t end) {
+      TileScope tiles;
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t g = t * PAIRS; g < (t + 1) * PAIRS; ++g) {  // q rows padded to Dp; zero past G
+          bf16* dst = qa_all + g * Dp;
+          std::fill(dst, dst + Dp, bf16(0.f));
+          if (g < G) std::memcpy(dst, Q + g * D, D * sizeof(bf16));
+          std::fill(p_all + g * P32, p_all + (g + 1) * P32, bf16(0.f));  // rows past G stay zero
+        }
+        amx_scores(qa_all + t * PAIRS * Dp, Dp, PAIRS, kt_sh, P, s_all + t * PAIRS * P32, P32);
+      }
+    });
+  }
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     TileScope tiles;
     std::vector<bf16> qa(PAIRS * Dp), p_sh(PAIRS * P32), p_own(PAIRS * W32);
@@ -366,11 +394,11 @@ void attend_amx(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& 
         n_own = std::max(n_own, LN[r]);
       }
       const int64_t o32 = up_to(n_own, 32);
-      if (P > 0) amx_scores(qa.data(), Dp, pairs, kt_sh, P, s_sh.data(), P32);
+      if (P > 0 && !batched) amx_scores(qa.data(), Dp, pairs, kt_sh, P, s_sh.data(), P32);
       if (n_own > 0) amx_scores(qa.data(), Dp, pairs, kt_own + kt_at[b], n_own, s_own.data(), W32);
       for (int64_t m = 0; m < pairs; ++m) {
-        const int64_t len = LN[rows[(m0 + m) / H]];
-        float* a = s_sh.data() + m * P32;
+        const int64_t r = rows[(m0 + m) / H], g = r * H + (m0 + m) % H, len = LN[r];
+        float* a = batched ? s_all + g * P32 : s_sh.data() + m * P32;
         float* c = s_own.data() + m * W32;
         float mx = -std::numeric_limits<float>::infinity();
         if (P > 0) mx = std::max(mx, scale_scores(a, P, sc));
@@ -379,24 +407,39 @@ void attend_amx(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& 
         if (P > 0) sum += exp_shifted(a, P, mx);
         if (len > 0) sum += exp_shifted(c, len, mx);
         const float inv = 1.f / sum;
-        if (P > 0) to_probs(a, P, inv, p_sh.data() + m * P32, P32);
+        if (P > 0) to_probs(a, P, inv, (batched ? p_all + g * P32 : p_sh.data() + m * P32), P32);
         if (o32 > 0) to_probs(c, len, inv, p_own.data() + m * W32, o32);
       }
       // rows past the task's pairs, up to the A tiles it runs (one under 17 pairs): zero probabilities
       for (int64_t m = pairs; m < (pairs > 16 ? PAIRS : 16); ++m) {
-        if (P > 0) std::fill(p_sh.begin() + m * P32, p_sh.begin() + (m + 1) * P32, bf16(0.f));
+        if (P > 0 && !batched) std::fill(p_sh.begin() + m * P32, p_sh.begin() + (m + 1) * P32, bf16(0.f));
         if (o32 > 0) std::fill(p_own.begin() + m * W32, p_own.begin() + m * W32 + o32, bf16(0.f));
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      if (P > 0) amx_values(p_sh.data(), P32, pairs, v_sh, P, P, rank, acc.data());
+      if (P > 0 && !batched) amx_values(p_sh.data(), P32, pairs, v_sh, P, P, rank, acc.data());
       // the own context was packed for the sequence's longest row; this task's rows use n_own of it
       if (n_own > 0) amx_values(p_own.data(), W32, pairs, v_own + v_at[b], own[b], n_own, rank, acc.data());
       for (int64_t m = 0; m < pairs; ++m) {
         const int64_t r = rows[(m0 + m) / H], h = (m0 + m) % H;
+        if (batched) {  // the own part; the shared prefix's values are added below
+          std::memcpy(o_all + (r * H + h) * rank, acc.data() + m * rank, rank * sizeof(float));
+          continue;
+        }
         bf16* o = O + (r * H + h) * rank;
         for (int64_t c = 0; c < rank; c += 16)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc.data() + m * rank + c)));
       }
+    }
+  });
+  if (!batched) return;
+  at::parallel_for(0, G32 / PAIRS, 1, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
+    for (int64_t t = begin; t < end; ++t) {
+      amx_values(p_all + t * PAIRS * P32, P32, PAIRS, v_sh, P, P, rank, o_all + t * PAIRS * rank);
+      for (int64_t g = t * PAIRS; g < std::min(G, (t + 1) * PAIRS); ++g)
+        for (int64_t c = 0; c < rank; c += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(O + g * rank + c),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o_all + g * rank + c)));
     }
   });
 }
