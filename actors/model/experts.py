@@ -45,6 +45,7 @@ class ExpertWeights(nn.Module):
         self.compute_dtype: torch.dtype = self.w13.dtype
         # the CPU MoE kernel's ops (kernels/moe_cpu.cpp) once `use_kernel` found them; None: torch's matmuls
         self.kernel = None
+        self.kernel_max_rows = KERNEL_MAX_ROWS  # its max_rows for these weights' dtype on this CPU
 
     def to_fp8(self, block: tuple[int, int], dtype: torch.dtype | None = None) -> None:
         """Holds the weights as e4m3 plus the hub's per-projection block scales (gate and up keep
@@ -95,6 +96,8 @@ class ExpertWeights(nn.Module):
         from .kernels import cpu_kernels
 
         self.kernel = cpu_kernels()
+        if self.kernel is not None:  # asked once: the CPU cannot change
+            self.kernel_max_rows = kernel_max_rows(self.kernel, self.w13.dtype)
         return self.kernel is not None
 
     def prepack(self) -> bool:
@@ -178,7 +181,7 @@ class ExpertWeights(nn.Module):
                                    requires_grad=False)
             new.w2 = nn.Parameter(torch.stack([b for _, b in pairs]) if pairs else old.w2.new_empty(0, h, inter),
                                   requires_grad=False)
-        new.kernel = old.kernel
+        new.kernel, new.kernel_max_rows = old.kernel, old.kernel_max_rows
         return new
 
     @staticmethod
@@ -221,7 +224,7 @@ class ExpertWeights(nn.Module):
         EPYC, 2 threads, `small`'s 64 experts). oneDNN-packed and FP8-resident weights keep the
         loop: packing has no grouped form and FP8 dequantizes one expert at a time."""
         if self.kernel is not None and xs.dtype == self.w13.dtype:
-            return self.kernel.grouped_ffn(xs, self.w13, self.w2, counts, kernel_max_rows(self.kernel, xs.dtype))
+            return self.kernel.grouped_ffn(xs, self.w13, self.w2, counts, self.kernel_max_rows)
         if self.packed is None and self.fp8_block is None and _grouped_mm_runs(xs, self.w13):
             offsets = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
             gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)

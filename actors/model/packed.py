@@ -80,8 +80,9 @@ class PackedLinear(nn.Module):
 
 class PairPackedLinear(nn.Module):
     """A bias-free bf16 linear held in the CPU kernels' vdpbf16ps pair layout (kernels.pack_pairs)
-    and run by their `linear_packed`: the lm_head's choice where the CPU has AVX512-BF16. Same
-    values as F.linear (fp32 sums of exact bf16 products, rounded once); 1.2-1.35x oneDNN's
+    and run by their `linear_packed`: the lm_head's choice where the CPU has AVX512-BF16, and every
+    bf16 linear's where it has AMX (the same layout is the tile unit's B operand). Same values as
+    F.linear (fp32 sums of exact bf16 products, rounded once); on AVX512-BF16 1.2-1.35x oneDNN's
     packed linear at 1-2 rows (the weight streams with no horizontal sums), 0.9-1.05x at 4-32."""
 
     def __init__(self, linear: nn.Linear, ops):
@@ -109,15 +110,22 @@ def pair_pack_linears(model: nn.Module, ops, keep_dense: tuple[str, ...] = ()) -
     tile path serves prefill-sized inputs too. At decode sizes oneDNN's packed matmul pays ~20 us
     of set-up per call: the pair kernel is 2-4x faster at 1-32 rows for the attention and shared-
     expert linears of `small`, 0.85-1.0x at 512 rows (an AMX Xeon, 2 threads). Returns how many."""
+    n = _replace_linears(model, lambda mod: mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu"
+                         and mod.in_features % 2 == 0, lambda mod: PairPackedLinear(mod, ops), keep_dense)
+    if n:
+        log.info("packed %d linears in vdpbf16ps / AMX pairs", n)
+    return n
+
+
+def _replace_linears(model: nn.Module, wanted, make, keep_dense: tuple[str, ...]) -> int:
+    """Replaces each bias-free nn.Linear for which `wanted(mod)` holds by `make(mod)`, except
+    modules whose name ends with one of `keep_dense`. Returns how many."""
     targets = [(name, mod) for name, mod in model.named_modules()
-               if type(mod) is nn.Linear and mod.bias is None and mod.weight.dtype == torch.bfloat16
-               and mod.weight.device.type == "cpu" and mod.in_features % 2 == 0 and not name.endswith(keep_dense)]
+               if type(mod) is nn.Linear and mod.bias is None and wanted(mod) and not name.endswith(keep_dense)]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PairPackedLinear(mod, ops))
-    if targets:
-        log.info("packed %d linears in vdpbf16ps / AMX pairs", len(targets))
+        setattr(parent, child, make(mod))
     return len(targets)
 
 
@@ -125,16 +133,10 @@ def prepack_linears(model: nn.Module, keep_dense: tuple[str, ...] = ()) -> int:
     """Replaces every packable bias-free nn.Linear in `model` by a PackedLinear, except modules
     whose name ends with one of `keep_dense` (their dense weight is read directly elsewhere).
     Returns how many were packed."""
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if type(mod) is nn.Linear and mod.bias is None and can_pack(mod.weight)
-               and not name.endswith(keep_dense)]
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(mod))
-    if targets:
-        log.info("packed %d linears for oneDNN", len(targets))
-    return len(targets)
+    n = _replace_linears(model, lambda mod: can_pack(mod.weight), PackedLinear, keep_dense)
+    if n:
+        log.info("packed %d linears for oneDNN", n)
+    return n
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
