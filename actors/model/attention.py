@@ -18,6 +18,7 @@ from ..kv_cache import MLAKVCache
 from .config import ModelConfig
 from .fp8 import Fp8Linear
 from .layers import RMSNorm
+from .packed import emulated_bf16
 from .rope import RotaryEmbedding, softmax_scale
 
 
@@ -68,6 +69,14 @@ class MLAttention(nn.Module):
             self.kernel_prefill = self.kernel.mla_attend_on_tiles(self.kv_lora_rank + self.rope_dim, self.kv_lora_rank)
         return self.kernel is not None
 
+    def _matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """torch.matmul; in bf16 on a CPU without bf16 matmul instructions (AVX2: oneDNN emulates
+        them, 4-7x slower than its fp32 matmul) in fp32, rounded once to bf16 as a bf16 matmul's
+        fp32-accumulated output is."""
+        if emulated_bf16(a):
+            return torch.matmul(a.float(), b.float()).to(a.dtype)
+        return torch.matmul(a, b)
+
     def _on_kernel(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> bool:
         if self.kernel is None or q.device.type != "cpu" or q.dtype != kv.joint.dtype:
             return False
@@ -103,7 +112,11 @@ class MLAttention(nn.Module):
     def _expand(self, slots: torch.Tensor, kv: MLAKVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Context slots [..., L] → keys [..., L, heads, qk] and values [..., L, heads, v]."""
         latent, k_pe = kv.read(self.layer, slots)
-        kvb = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, self.nope + self.v_dim))
+        if type(self.kv_b_proj) is nn.Linear and emulated_bf16(latent):
+            kvb = self._matmul(latent, self.kv_b_proj.weight.t())
+        else:
+            kvb = self.kv_b_proj(latent)
+        kvb = kvb.unflatten(-1, (self.num_heads, self.nope + self.v_dim))
         k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)], dim=-1)
         return k, v
@@ -113,13 +126,13 @@ class MLAttention(nn.Module):
         latent context to per-head keys and values, as the reference computes prefill."""
         n, ctx = q.shape[0], slots.numel()
         k, v = self._expand(slots, kv)
-        scores = torch.matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * self.scale  # [heads, n, ctx]
+        scores = self._matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * self.scale  # [heads, n, ctx]
         if n > 1:
             qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
             mask = torch.arange(ctx, device=q.device).unsqueeze(0) > qpos
             scores = scores.masked_fill(mask, float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [n, heads, v]
+        return self._matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [n, heads, v]
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [heads, nope, rank] and W_UV^T [heads, rank, v], as
@@ -143,7 +156,7 @@ class MLAttention(nn.Module):
         if (self.kernel is not None and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
                 and x.device.type == "cpu" and x.numel() * w.shape[-1] <= BMM_KERNEL_MAX_MACS):
             return self.kernel.bmm_small(x, w)
-        return torch.bmm(x, w)
+        return self._matmul(x, w)
 
     def _query_latent(self, q: torch.Tensor) -> torch.Tensor:
         """[rows, heads, nope | rope] -> [rows, heads, rank | rope]: W_UK folded into the query."""

@@ -25,15 +25,28 @@ def can_pack(weight: torch.Tensor) -> bool:
     """True where a packed oneDNN linear exists for this weight (CPU, bf16, oneDNN built in, and a
     CPU whose instructions oneDNN's bf16 packing needs: AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
     return (weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and weight.dim() == 2
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and _packing_runs(weight.dtype))
+            and onednn_packs(weight.dtype))
 
 
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs (and natively multiplies) `dtype` linears on this CPU."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and _packing_runs(dtype))
+
+
+def emulated_bf16(t: torch.Tensor) -> bool:
+    """Whether a bf16 matmul on `t` would be emulated: a bf16 CPU tensor on a CPU without bf16
+    matmul instructions (AVX2-only), where oneDNN's bf16 matmul runs 4-7x slower than its fp32
+    one on the same values; callers multiply in fp32 and round once instead."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not native_bf16()
+
+
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU has bf16 matmul instructions oneDNN uses (AVX-512 BF16 or AMX). Without
     them a bf16 matmul is emulated: on an AVX2-only EPYC here 2-4x slower than fp32 for the
-    small matmuls (a bf16 lm_head at batch 1 is still faster: it is bound by the bytes read)."""
+    small matmuls (a bf16 lm_head at batch 1 is still faster: it is bound by the bytes read).
+    Cached: the CPU cannot change."""
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(probe()) if probe is not None else False
 
@@ -81,9 +94,10 @@ class PackedLinear(nn.Module):
 class PairPackedLinear(nn.Module):
     """A bias-free bf16 linear held in the CPU kernels' vdpbf16ps pair layout (kernels.pack_pairs)
     and run by their `linear_packed`: the lm_head's choice where the CPU has AVX512-BF16, and every
-    bf16 linear's where it has AMX (the same layout is the tile unit's B operand). Same values as
-    F.linear (fp32 sums of exact bf16 products, rounded once); on AVX512-BF16 1.2-1.35x oneDNN's
-    packed linear at 1-2 rows (the weight streams with no horizontal sums), 0.9-1.05x at 4-32."""
+    bf16 linear's where it has AMX (the same layout is the tile unit's B operand) or only AVX2
+    (oneDNN emulates bf16 there; the kernel widens each pair by a shift and a mask). Same values as
+    F.linear up to the fp32 summation order (exact bf16 products, rounded once); on AVX512-BF16
+    1.2-1.35x oneDNN's packed linear at 1-2 rows (no horizontal sums), 0.9-1.05x at 4-32."""
 
     def __init__(self, linear: nn.Linear, ops):
         super().__init__()
@@ -107,7 +121,7 @@ class PairPackedLinear(nn.Module):
 def pair_pack_linears(model: nn.Module, ops, keep_dense: tuple[str, ...] = ()) -> int:
     """Replaces every bias-free bf16 nn.Linear with an even input width by a PairPackedLinear,
     except modules whose name ends with one of `keep_dense`; for CPUs with AMX, where the kernel's
-    tile path serves prefill-sized inputs too. At decode sizes oneDNN's packed matmul pays ~20 us
+    tile path serves prefill-sized inputs too, and for CPUs where oneDNN cannot pack bf16 (AVX2). At decode sizes oneDNN's packed matmul pays ~20 us
     of set-up per call: the pair kernel is 2-4x faster at 1-32 rows for the attention and shared-
     expert linears of `small`, 0.85-1.0x at 512 rows (an AMX Xeon, 2 threads). Returns how many."""
     n = _replace_linears(model, lambda mod: mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu"

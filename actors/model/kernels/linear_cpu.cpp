@@ -15,6 +15,12 @@
 #include "amx.h"
 #include "cpu_vec.h"
 
+// linear_packed exists where the CPU multiplies bf16 pairs (AVX512-BF16) or where oneDNN cannot
+// pack bf16 and the pairs are widened by hand (AVX2 + FMA without AVX-512)
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__))
+#define EXPERTMESH_PAIR_LINEAR 1
+#endif
+
 namespace {
 
 using namespace expertmesh_cpu;
@@ -166,10 +172,164 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_ou
   });
   return out;
 }
+#elif defined(EXPERTMESH_PAIR_LINEAR)
+// The same pair layout on AVX2 + FMA (no bf16 instructions): a 32-byte load holds the (2 k2,
+// 2 k2 + 1) pairs of 8 outputs; shifting each 32-bit lane left by 16 widens the even k, masking its
+// low half the odd k, so the weight is widened once per load and every row of the tile reuses it.
+// Rows are widened to fp32 once per row chunk, 6 rows interleaved per panel ([K][6], as BLIS packs
+// its A panels) so a tile's broadcasts walk one sequential stream. oneDNN cannot
+// pack bf16 on such CPUs and emulates its matmuls: this serves every bf16 linear there.
+constexpr int64_t PT_PAIR = 5;  // rows per pair-kernel tile: 10 accumulators (at 6 it spills)
+constexpr int64_t PT_WIDE = 6;  // rows per widened-weight tile: 12 accumulators
+constexpr int64_t MC2 = 64;     // rows per chunk: a task's widened rows stay in L2
+// From this many rows a block's weights are widened to fp32 once and reused by every tile
+// (fewer rows: the weight's bytes bound the time and widening it is an extra pass)
+constexpr int64_t WIDEN_MIN_ROWS = 64;
+
+// The even halves of the pairs meet every row before the odd halves are widened. x: a panel of
+// rows interleaved [K][ld].
+template <int M>
+inline void packed_tile_avx2(const bf16* b, const float* x, int64_t ld, int64_t K2, __m256* out) {
+  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  // at one row the two halves of each pair go to their own accumulators (4 FMA chains, not 2)
+  constexpr int S = M == 1 ? 2 : 1;
+  __m256 acc[S][2][M];
+  for (int s = 0; s < S; ++s)
+    for (int j = 0; j < M; ++j) acc[s][0][j] = acc[s][1][j] = _mm256_setzero_ps();
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+    prefetch(b + (k2 + 128) * 32, 64);  // 8 KB ahead in the stream
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k2 * 32));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k2 * 32 + 16));
+    const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16));
+    const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16));
+    for (int j = 0; j < M; ++j) {
+      const __m256 xe = _mm256_broadcast_ss(x + (2 * k2) * ld + j);
+      acc[0][0][j] = _mm256_fmadd_ps(e0, xe, acc[0][0][j]);
+      acc[0][1][j] = _mm256_fmadd_ps(e1, xe, acc[0][1][j]);
+    }
+    const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(lo, odd_mask));
+    const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(hi, odd_mask));
+    for (int j = 0; j < M; ++j) {
+      const __m256 xo = _mm256_broadcast_ss(x + (2 * k2 + 1) * ld + j);
+      acc[S - 1][0][j] = _mm256_fmadd_ps(o0, xo, acc[S - 1][0][j]);
+      acc[S - 1][1][j] = _mm256_fmadd_ps(o1, xo, acc[S - 1][1][j]);
+    }
+  }
+  for (int j = 0; j < M; ++j) {
+    out[2 * j] = S == 2 ? _mm256_add_ps(acc[0][0][j], acc[S - 1][0][j]) : acc[0][0][j];
+    out[2 * j + 1] = S == 2 ? _mm256_add_ps(acc[0][1][j], acc[S - 1][1][j]) : acc[0][1][j];
+  }
+}
+
+// Where a block meets more than one tile of rows, its 16 x K weights are widened once into fp32
+// [K][16] and the tiles run the plain 6 x 16 fp32 kernel: one FMA per accumulator per k, no
+// integer ops in the loop and 15 registers (the pair kernel above needs 18 at 6 rows and spills).
+void widen_block(const bf16* b, int64_t K2, float* wf) {
+  const __m256i odd_mask = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k2 * 32));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k2 * 32 + 16));
+    float* w = wf + k2 * 32;
+    _mm256_storeu_ps(w, _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)));
+    _mm256_storeu_ps(w + 8, _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)));
+    _mm256_storeu_ps(w + 16, _mm256_castsi256_ps(_mm256_and_si256(lo, odd_mask)));
+    _mm256_storeu_ps(w + 24, _mm256_castsi256_ps(_mm256_and_si256(hi, odd_mask)));
+  }
+}
+
+template <int M>
+inline void widened_tile_avx2(const float* w, const float* x, int64_t K, __m256* out) {
+  __m256 acc[2][M];
+  for (int j = 0; j < M; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * 16);
+    const __m256 w1 = _mm256_loadu_ps(w + k * 16 + 8);
+    for (int j = 0; j < M; ++j) {
+      const __m256 xv = _mm256_broadcast_ss(x + k * PT_WIDE + j);
+      acc[0][j] = _mm256_fmadd_ps(w0, xv, acc[0][j]);
+      acc[1][j] = _mm256_fmadd_ps(w1, xv, acc[1][j]);
+    }
+  }
+  for (int j = 0; j < M; ++j) {
+    out[2 * j] = acc[0][j];
+    out[2 * j + 1] = acc[1][j];
+  }
+}
+
+template <int M>
+inline void tile_avx2(const bf16* b, const float* wf, const float* x, int64_t K2, __m256* out) {
+  if constexpr (M <= PT_WIDE) {
+    if (wf != nullptr) return widened_tile_avx2<M>(wf, x, 2 * K2, out);
+  }
+  if constexpr (M <= PT_PAIR) packed_tile_avx2<M>(b, x, PT_PAIR, K2, out);
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_out) {
+  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16, "linear_packed: bfloat16");
+  TORCH_CHECK(x.dim() == 2 && wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.size(0) % 2 == 0,
+              "linear_packed: x [M, K], wp [N/16, K/2, 16, 2] with an even block count (pack_pairs)");
+  TORCH_CHECK(wp.size(1) * 2 == x.size(1), "linear_packed: x's width is the packed K");
+  TORCH_CHECK(n_out > 0 && n_out <= wp.size(0) * 16, "linear_packed: 0 < n_out <= the packed rows");
+  const int64_t M = x.size(0), K = x.size(1), K2 = K / 2, NB = wp.size(0);
+  at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({M, n_out}, x.options());
+  if (M == 0) return out;
+  const bf16* X = xc.data_ptr<bf16>();
+  const bf16* W = wp.contiguous().data_ptr<bf16>();
+  bf16* O = out.data_ptr<bf16>();
+  const bool widen = M >= WIDEN_MIN_ROWS;
+  const int64_t pt = widen ? PT_WIDE : PT_PAIR;  // rows per tile and per panel
+  const int64_t chunks = (M + MC2 - 1) / MC2;
+  // tasks are (row chunk, 16 outputs), chunk-major: a thread widens its chunk's rows once
+  at::parallel_for(0, chunks * NB, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf((std::min(MC2, M) + pt - 1) / pt * pt * K);
+    std::vector<float> wf(widen ? K * 16 : 0);
+    int64_t widened = -1;
+    __m256 tile[2 * PT_WIDE];
+    float buf[16];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t mc = t / NB, b = t % NB, m0 = mc * MC2, rows = std::min(MC2, M - m0);
+      if (mc != widened) {
+        std::fill(xf.begin(), xf.end(), 0.f);
+        for (int64_t j = 0; j < rows; ++j) {
+          float* panel = xf.data() + j / pt * pt * K + j % pt;
+          const bf16* xr = X + (m0 + j) * K;
+          for (int64_t k = 0; k < K; ++k) panel[k * pt] = static_cast<float>(xr[k]);
+        }
+        widened = mc;
+      }
+      const bf16* wb = W + b * K2 * 32;
+      const int64_t n0 = b * 16, nr = std::min<int64_t>(16, n_out - n0);
+      if (nr <= 0) continue;  // the zero rows padding N to 32
+      if (widen) widen_block(wb, K2, wf.data());
+      const float* wfp = widen ? wf.data() : nullptr;
+      for (int64_t j0 = 0; j0 < rows; j0 += pt) {
+        const int64_t m = std::min<int64_t>(pt, rows - j0);
+        const float* xj = xf.data() + j0 * K;  // its panel (j0 is a multiple of pt)
+        switch (m) {
+          case 1: tile_avx2<1>(wb, wfp, xj, K2, tile); break;
+          case 2: tile_avx2<2>(wb, wfp, xj, K2, tile); break;
+          case 3: tile_avx2<3>(wb, wfp, xj, K2, tile); break;
+          case 4: tile_avx2<4>(wb, wfp, xj, K2, tile); break;
+          case 5: tile_avx2<5>(wb, wfp, xj, K2, tile); break;
+          default: tile_avx2<6>(wb, wfp, xj, K2, tile); break;
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          _mm256_storeu_ps(buf, tile[2 * j]);
+          _mm256_storeu_ps(buf + 8, tile[2 * j + 1]);
+          bf16* o = O + (m0 + j0 + j) * n_out + n0;
+          for (int64_t n = 0; n < nr; ++n) o[n] = static_cast<bf16>(buf[n]);
+        }
+      }
+    }
+  });
+  return out;
+}
 #endif
 
 bool has_packed_linear() {
-#if defined(__AVX512BF16__)
+#if defined(EXPERTMESH_PAIR_LINEAR)
   return true;
 #else
   return false;
@@ -229,7 +389,7 @@ TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
   m.def("has_packed_linear() -> bool", &has_packed_linear);
   m.def("has_amx() -> bool", &has_amx);
   m.def("bmm_small(Tensor x, Tensor w) -> Tensor");
-#if defined(__AVX512BF16__)
+#if defined(EXPERTMESH_PAIR_LINEAR)
   m.def("linear_packed(Tensor x, Tensor wp, int n_out) -> Tensor");
 #endif
 }
@@ -237,7 +397,7 @@ TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
   m.impl("linear_small", &linear_small);
   m.impl("bmm_small", &bmm_small);
-#if defined(__AVX512BF16__)
+#if defined(EXPERTMESH_PAIR_LINEAR)
   m.impl("linear_packed", &linear_packed);
 #endif
 }

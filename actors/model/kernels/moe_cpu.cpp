@@ -227,11 +227,22 @@ at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const a
                       out.data_ptr<bf16>());
   }
 #endif
+#if defined(__AVX512F__)
+  constexpr bool upcast = false;
+#else
+  // no AVX-512: oneDNN has no bf16 matmul here and emulates it at 4-7x its fp32 time, so bf16
+  // experts run their matmuls in fp32 (weights widened per call: ~7% of the matmuls' time),
+  // rounded to bf16 where a bf16 linear rounds its output
+  constexpr bool upcast = std::is_same_v<T, bf16>;
+#endif
+  const auto linear = [&](const at::Tensor& a, const at::Tensor& w) {
+    return upcast ? at::linear(a.to(at::kFloat), w.to(at::kFloat)).to(a.scalar_type()) : at::linear(a, w);
+  };
   if (!tiles)
     for (int64_t e : big) {
       at::Tensor rows = xs.narrow(0, start[e], counts[e]);
-      auto gu = at::linear(rows, w13[e]).chunk(2, -1);
-      out.narrow(0, start[e], counts[e]).copy_(at::linear(at::silu(gu[0]) * gu[1], w2[e]));
+      auto gu = linear(rows, w13[e]).chunk(2, -1);
+      out.narrow(0, start[e], counts[e]).copy_(linear(at::silu(gu[0]) * gu[1], w2[e]));
     }
   if (small.empty()) return out;
 
