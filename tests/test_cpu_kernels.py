@@ -244,18 +244,20 @@ def test_combine_kernel_equals_combine_bitwise(dtype):
 
 
 def test_pair_packed_head_equals_f_linear():
-    """The bf16 lm_head in vdpbf16ps pairs (where the CPU has AVX512-BF16): an output count that
-    is not a multiple of 32, 1 to 13 rows (tiles of 6 and their tails), 3-D input."""
+    """The bf16 lm_head in vdpbf16ps pairs (where the CPU has AVX512-BF16, or only AVX2: pairs
+    widened by hand): an output count that is not a multiple of 32, 1 to 300 rows (tiles of 5 or
+    6 and their tails, AVX2's fp32-widened blocks from 64 rows, AMX tiles and 128-row chunks), 3-D
+    input."""
     from expertmesh.actors.model.packed import PairPackedLinear
 
     if not cpu_kernels().has_packed_linear():
-        pytest.skip("this CPU has no AVX512-BF16: the bf16 head keeps oneDNN's packing")
+        pytest.skip("this CPU has AVX-512 without BF16: the bf16 head keeps oneDNN's packing")
     gen = torch.Generator().manual_seed(5)
     lin = torch.nn.Linear(96, 1000, bias=False).to(torch.bfloat16)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(1000, 96, generator=gen) * 0.1)
     head = PairPackedLinear(lin, cpu_kernels())
-    for m in (1, 5, 6, 13, 16, 40, 300):  # from 4 rows on AMX: tiles, 16-row tails, 128-row chunks
+    for m in (1, 2, 5, 6, 13, 16, 40, 64, 300):  # AMX from 4 rows: tiles, 16-row tails, 128-row chunks
         x = torch.randn(m, 96, generator=gen).to(torch.bfloat16)
         want = torch.nn.functional.linear(x.float(), lin.weight.float())
         got = head(x)
@@ -313,12 +315,16 @@ def test_bf16_steps_mixing_prefill_and_decode_rows_on_the_kernel_match_the_torch
 
     kern = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024))
     plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, cpu_kernels=False))
-    if _cpu_has_amx():  # ... and its dense linears take the pair kernel (kv_b_proj stays dense)
-        from expertmesh.actors.model.packed import PairPackedLinear
+    from expertmesh.actors.model.packed import PairPackedLinear, onednn_packs
 
+    if _cpu_has_amx():
         assert all(layer.self_attn.kernel_prefill for layer in kern.model.layers)
+    if _cpu_has_amx() or not onednn_packs(torch.bfloat16):
+        # ... and its dense linears take the pair kernel (kv_b_proj stays dense): on AMX, and on
+        # AVX2, where oneDNN only emulates bf16
         attn = kern.model.layers[0].self_attn
         assert isinstance(attn.o_proj, PairPackedLinear) and type(attn.kv_b_proj) is torch.nn.Linear
+        assert isinstance(kern.model.lm_head, PairPackedLinear)
     prefix = torch.tensor([0] + [300 + 7 * i for i in range(99)])
     pslots = torch.arange(1, 101)
 

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "amx.h"
@@ -71,6 +72,41 @@ inline void weighted_sum(const T* const* rows, int64_t n, const float* p, int64_
     }
 }
 
+#if defined(EXPERTMESH_VEC_EXP)
+// p[0 : n] = the bf16 reference's softmax of round(round(p) * scale): probabilities rounded to bf16
+inline void softmax_bf16(float* p, int64_t n, float scale) {
+  const vec sc = vset1(scale);
+  vec mxv = vset1(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    const vec s = vround_bf16(vmul(vround_bf16(vload(p + i)), sc));
+    vstore(p + i, s);
+    mxv = vmax(mxv, s);
+  }
+  float mx = vhmax(mxv);
+  for (int64_t t = i; t < n; ++t) {
+    p[t] = round_as<bf16>(round_as<bf16>(p[t]) * scale);
+    mx = std::max(mx, p[t]);
+  }
+  const vec mv = vset1(mx);
+  vec sumv = vzero();
+  for (i = 0; i + VL <= n; i += VL) {
+    const vec e = vexp(vsub(vload(p + i), mv));
+    vstore(p + i, e);
+    sumv = vadd(sumv, e);
+  }
+  float sum = vsum(sumv);
+  for (int64_t t = i; t < n; ++t) {
+    p[t] = std::exp(p[t] - mx);
+    sum += p[t];
+  }
+  const float inv = 1.f / sum;
+  const vec iv = vset1(inv);
+  for (i = 0; i + VL <= n; i += VL) vstore(p + i, vround_bf16(vmul(vload(p + i), iv)));
+  for (int64_t t = i; t < n; ++t) p[t] = round_as<bf16>(p[t] * inv);
+}
+#endif
+
 template <typename T>
 void decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& shared, const at::Tensor& slots,
                  const at::Tensor& seq, const at::Tensor& lens, double scale, int64_t rank, at::Tensor& out) {
@@ -86,20 +122,34 @@ void decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor&
   const int64_t hb = (H + HEADS - 1) / HEADS;
   const float sc = static_cast<float>(scale);
 
+#if defined(__AVX512BF16__)
+  using QT = T;  // bf16 queries meet bf16 rows in vdpbf16ps pairs (cpu_vec.h)
+#else
+  using QT = float;  // queries widened once per task, not once per context row
+#endif
   at::parallel_for(0, B * hb, 1, [&](int64_t begin, int64_t end) {
     std::vector<const T*> rows;
     std::vector<float> p, acc(HEADS * rank);
+    std::vector<QT> qw(HEADS * D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / hb, h0 = (t % hb) * HEADS, m = std::min<int64_t>(HEADS, H - h0), n = P + LN[b];
       rows.resize(n);
       for (int64_t l = 0; l < P; ++l) rows[l] = C + SH[l] * D;
       for (int64_t l = 0; l < LN[b]; ++l) rows[P + l] = C + SL[SQ[b] * L + l] * D;
       p.assign(HEADS * n, 0.f);
-      const T* qb = Q + (b * H + h0) * D;
+      const T* qr = Q + (b * H + h0) * D;
+      for (int64_t i = 0; i < m * D; ++i) qw[i] = static_cast<QT>(qr[i]);
+      const QT* qb = qw.data();
       // scores: one row of context against the m heads' queries
       for (int64_t l = 0; l < n; ++l) dot_row(rows[l], qb, D, D, m, p.data() + l, n);
       for (int64_t j = 0; j < m; ++j) {  // softmax in fp32 over the scaled (and, in bf16, rounded) scores
         float* pj = p.data() + j * n;
+#if defined(EXPERTMESH_VEC_EXP)
+        if constexpr (std::is_same_v<T, bf16>) {  // vectors: scalar expf was most of a decode's time
+          softmax_bf16(pj, n, sc);
+          continue;
+        }
+#endif
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t i = 0; i < n; ++i) {
           pj[i] = round_as<T>(round_as<T>(pj[i]) * sc);
