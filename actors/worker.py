@@ -80,11 +80,10 @@ class ModelWorker:
         else:
             self.expert_range = expert_range(self.config.n_routed_experts, spec.ep_rank, spec.ep_size)
         dtype = DTYPES[spec.dtype]
-        if self.device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16():
-            log.warning("dtype bfloat16 on a CPU without AVX-512 BF16/AMX: oneDNN emulates bf16 matmuls, "
-                        "slower than float32 (on an AVX2 EPYC: 0.5x float32's tokens/s at batch 32, 0.3x "
-                        "on a shared-prefix prefill); dtype float32 with model.int8_lm_head is the fast "
-                        "choice on such CPUs (README: Benchmarks)")
+        if self.device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16() and not spec.cpu_kernels:
+            log.warning("dtype bfloat16 on a CPU without AVX-512 BF16/AMX and with the CPU kernels off: oneDNN "
+                        "emulates bf16 matmuls, slower than float32 (on an AVX2 EPYC: 0.5x float32's tokens/s at "
+                        "batch 32); the CPU kernels (on by default) serve bf16 there (README: Benchmarks)")
         self.model: DeepseekV3Model = build_model(self.config, dtype, self.expert_range, self.device, slot_experts)
         fp8_names = reader.fp8_names(self.model.wants_expert) if spec.keep_fp8 else set()
         if fp8_names:
