@@ -125,24 +125,13 @@ void linear_packed_amx(const bf16* X, int64_t M, int64_t K, const bf16* W, int64
 }
 #endif
 
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_out) {
-  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16, "linear_packed: bfloat16");
-  TORCH_CHECK(x.dim() == 2 && wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.size(0) % 2 == 0,
-              "linear_packed: x [M, K], wp [N/16, K/2, 16, 2] with an even block count (pack_pairs)");
-  TORCH_CHECK(wp.size(1) * 2 == x.size(1), "linear_packed: x's width is the packed K");
-  TORCH_CHECK(n_out > 0 && n_out <= wp.size(0) * 16, "linear_packed: 0 < n_out <= the packed rows");
-  const int64_t M = x.size(0), K = x.size(1), K2 = K / 2, NB = wp.size(0);
-  at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({M, n_out}, x.options());
-  if (M == 0) return out;
-  const bf16* X = xc.data_ptr<bf16>();
-  const bf16* W = wp.contiguous().data_ptr<bf16>();
-  bf16* O = out.data_ptr<bf16>();
+// O [M, n_out] = X [M, K] . W^T for W in the pair layout (NB blocks of 16 outputs)
+void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O) {
+  const int64_t K2 = K / 2;
 #if defined(EXPERTMESH_AMX)
   if (M >= AMX_MIN_ROWS && K2 % 16 == 0 && amx_ready()) {
     linear_packed_amx(X, M, K, W, NB, n_out, O);
-    return out;
+    return;
   }
 #endif
   at::parallel_for(0, NB / 2, 4, [&](int64_t begin, int64_t end) {
@@ -170,7 +159,6 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_ou
       }
     }
   });
-  return out;
 }
 #elif defined(EXPERTMESH_PAIR_LINEAR)
 // The same pair layout on AVX2 + FMA (no bf16 instructions): a 32-byte load holds the (2 k2,
@@ -264,20 +252,9 @@ inline void tile_avx2(const bf16* b, const float* wf, const float* x, int64_t K2
   if constexpr (M <= PT_PAIR) packed_tile_avx2<M>(b, x, PT_PAIR, K2, out);
 }
 
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_out) {
-  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16, "linear_packed: bfloat16");
-  TORCH_CHECK(x.dim() == 2 && wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.size(0) % 2 == 0,
-              "linear_packed: x [M, K], wp [N/16, K/2, 16, 2] with an even block count (pack_pairs)");
-  TORCH_CHECK(wp.size(1) * 2 == x.size(1), "linear_packed: x's width is the packed K");
-  TORCH_CHECK(n_out > 0 && n_out <= wp.size(0) * 16, "linear_packed: 0 < n_out <= the packed rows");
-  const int64_t M = x.size(0), K = x.size(1), K2 = K / 2, NB = wp.size(0);
-  at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({M, n_out}, x.options());
-  if (M == 0) return out;
-  const bf16* X = xc.data_ptr<bf16>();
-  const bf16* W = wp.contiguous().data_ptr<bf16>();
-  bf16* O = out.data_ptr<bf16>();
+// O [M, n_out] = X [M, K] . W^T for W in the pair layout (NB blocks of 16 outputs)
+void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O) {
+  const int64_t K2 = K / 2;
   const bool widen = M >= WIDEN_MIN_ROWS;
   const int64_t pt = widen ? PT_WIDE : PT_PAIR;  // rows per tile and per panel
   const int64_t chunks = (M + MC2 - 1) / MC2;
@@ -324,6 +301,22 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_ou
       }
     }
   });
+}
+#endif
+
+#if defined(EXPERTMESH_PAIR_LINEAR)
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_out) {
+  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16, "linear_packed: bfloat16");
+  TORCH_CHECK(x.dim() == 2 && wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.size(0) % 2 == 0,
+              "linear_packed: x [M, K], wp [N/16, K/2, 16, 2] with an even block count (pack_pairs)");
+  TORCH_CHECK(wp.size(1) * 2 == x.size(1), "linear_packed: x's width is the packed K");
+  TORCH_CHECK(n_out > 0 && n_out <= wp.size(0) * 16, "linear_packed: 0 < n_out <= the packed rows");
+  at::Tensor xc = x.contiguous(), wc = wp.contiguous();
+  at::Tensor out = at::empty({x.size(0), n_out}, x.options());
+  if (x.size(0) > 0)
+    packed_rows(xc.data_ptr<bf16>(), x.size(0), x.size(1), wc.data_ptr<bf16>(), wp.size(0), n_out,
+                out.data_ptr<bf16>());
   return out;
 }
 #endif
