@@ -54,6 +54,9 @@ class ForwardBatch:
     # slots every decode sequence's context starts with (a radix-cache hit they all share), attended
     # once for the whole batch instead of gathered per sequence; empty when there is none
     decode_shared: torch.Tensor | None = None  # [P]
+    # the same for the sequences prefilled in this step (several requests past one cached prompt):
+    # its keys and values are expanded once per layer, not once per sequence
+    extend_shared: torch.Tensor | None = None  # [P]
     _attend_plan: AttendPlan | None = field(default=None, repr=False)
 
     def prepare(self) -> "ForwardBatch":
@@ -77,6 +80,8 @@ class ForwardBatch:
             self.decode_pad = (torch.arange(width).unsqueeze(0) >= self.decode_lens.unsqueeze(1)).to(device)
             self.decode_lens = self.decode_lens.to(device)
             self.decode_shared = ctx[0][:shared].to(device)
+        extend = [self.ctx_slots[i].cpu() for i, n in enumerate(self.extend_lens) if n > 1]
+        self.extend_shared = extend[0][: shared_prefix_len(extend)].to(device) if extend else None
         return self
 
     def attend_plan(self) -> AttendPlan:

@@ -103,6 +103,33 @@ def test_decode_over_a_shared_prefix_equals_per_row_attention(tiny_ckpt, monkeyp
     assert [out[r.request_id].token_ids for r in reqs] == hf_greedy(tiny_ckpt, prompts, 12)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_past_a_shared_prefix_expands_it_once_and_matches_per_sequence(tiny_ckpt, monkeypatch, dtype):
+    """Several sequences prefilled in one step past one cached prefix: its keys and values are
+    expanded once for all of them (batch.extend_shared), and the logits equal each sequence
+    expanding its whole context (fp32 to rounding; bf16 to the bf16 tolerance)."""
+    worker = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype=dtype, kv_slots=1024, cpu_kernels=False))
+    model, kv = worker.model, worker.kv
+    prefix = [0] + [700 + 11 * i for i in range(99)]
+    slots = torch.arange(1, 101)
+    model(ForwardBatch(torch.tensor(prefix), torch.arange(100), slots, [100], [slots]), kv)
+    own = [torch.arange(200 + 10 * i, 200 + 10 * i + n) for i, n in enumerate((5, 3, 7))]
+    ids = torch.cat([torch.arange(40 + i, 40 + i + o.numel()) for i, o in enumerate(own)])
+    pos = torch.cat([torch.arange(100, 100 + o.numel()) for o in own])
+
+    def prefill() -> tuple[ForwardBatch, torch.Tensor]:
+        batch = ForwardBatch(ids, pos, torch.cat(own), [o.numel() for o in own],
+                             [torch.cat([slots, o]) for o in own]).prepare()
+        return batch, model.logits(model(batch, kv)).float()
+
+    shared_batch, shared = prefill()
+    monkeypatch.setattr(forward_batch, "MIN_SHARED_PREFIX", 10**9)
+    plain_batch, plain = prefill()
+    assert shared_batch.extend_shared.tolist() == slots.tolist() and plain_batch.extend_shared.numel() == 0
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(shared, plain, rtol=tol, atol=tol)
+
+
 @needs_packing
 def test_expert_parallel_path_computes_packed_experts_like_local(tmp_path):
     """The EP backend's grouped FFN on packed bf16 experts (a 1-rank gloo group) equals the local

@@ -103,10 +103,12 @@ class MLAttention(nn.Module):
         if batch.decode_seqs:
             out[batch.decode_rows] = self._decode(q[batch.decode_rows], batch, kv)
         batched = set(batch.decode_seqs)
+        shared = batch.extend_shared
+        prefix = self._expand(shared, kv) if shared is not None and shared.numel() else None
         for i, n in enumerate(batch.extend_lens):
             if i not in batched and n > 0:
                 a = batch.starts[i]
-                out[a : a + n] = self._extend(q[a : a + n], batch.ctx_slots[i], kv)
+                out[a : a + n] = self._extend(q[a : a + n], batch.ctx_slots[i], kv, prefix)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
     def _expand(self, slots: torch.Tensor, kv: MLAKVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,16 +123,21 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)], dim=-1)
         return k, v
 
-    def _extend(self, q: torch.Tensor, slots: torch.Tensor, kv: MLAKVCache) -> torch.Tensor:
+    def _extend(self, q: torch.Tensor, slots: torch.Tensor, kv: MLAKVCache,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One sequence: q [n, heads, qk] for its last n context positions, causal. Expands the
-        latent context to per-head keys and values, as the reference computes prefill."""
+        latent context to per-head keys and values, as the reference computes prefill; `prefix`
+        is the keys and values of the step's shared prefix (batch.extend_shared), expanded once."""
         n, ctx = q.shape[0], slots.numel()
-        k, v = self._expand(slots, kv)
+        if prefix is None:
+            k, v = self._expand(slots, kv)
+        else:
+            k, v = self._expand(slots[prefix[0].shape[0]:], kv)
+            k, v = torch.cat([prefix[0], k]), torch.cat([prefix[1], v])
         scores = self._matmul(q.transpose(0, 1), k.permute(1, 2, 0)) * self.scale  # [heads, n, ctx]
-        if n > 1:
-            qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
-            mask = torch.arange(ctx, device=q.device).unsqueeze(0) > qpos
-            scores = scores.masked_fill(mask, float("-inf"))
+        if n > 1:  # causal: only the last n columns can lie after a query row
+            qpos = torch.arange(n, device=q.device).unsqueeze(1)
+            scores[..., ctx - n :].masked_fill_(torch.arange(n, device=q.device).unsqueeze(0) > qpos, float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return self._matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [n, heads, v]
 
