@@ -134,11 +134,13 @@ def fp8_by_convention(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def resident_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, expert_filter: ExpertFilter | None = None,
-                          fp8_names: set[str] = frozenset()) -> dict[str, int]:
+                          fp8_names: set[str] = frozenset(), head_screen: bool = False) -> dict[str, int]:
     """The weight memory a rank holds once loaded, from the config alone: tensors in `fp8_names`
     at 1 byte per weight plus an fp32 scale per block ("fp8", "scales"), the gate's fp32 tensors,
-    the rest in `dtype` ("dense"). The arithmetic behind configs/deepseek-r1-a100.yaml's plan;
-    tests compare it with what the model really holds (`DeepseekV3Model.weight_bytes`)."""
+    the rest in `dtype` ("dense"); with `head_screen` (CPU bf16, model/greedy_head.py) the lm_head's
+    int8 screen, its rows padded to 32, with two fp32 numbers per row. The arithmetic behind
+    configs/deepseek-r1-a100.yaml's plan; tests compare it with what the model really holds
+    (`DeepseekV3Model.weight_bytes`)."""
     size = torch.empty((), dtype=dtype).element_size()
     out = {"fp8": 0, "scales": 0, "dense": 0}
     for name, shape in needed_names(cfg, expert_filter).items():
@@ -148,6 +150,8 @@ def resident_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, expert_filter: E
             out["scales"] += 4 * math.prod(scale_inv_shape(shape, cfg.fp8_block))
         else:
             out["dense"] += n * (4 if name.endswith(FP32_SUFFIXES) else size)
+    if head_screen:
+        out["head_screen"] = -(-cfg.vocab_size // 32) * 32 * (cfg.hidden_size + 8)
     return out
 
 

@@ -317,17 +317,27 @@ class Sampler:
             gen = self._seeded[device] = torch.Generator(device=device)
         return gen.manual_seed(seed)
 
+    @staticmethod
+    def plain_greedy(states: list[SamplingState]) -> bool:
+        """Every row greedy, with no penalties and no logprobs: its tokens are the logits' argmax
+        alone (which the model may find without all the logits: model.greedy_tokens)."""
+        return all(st.params.greedy and not st.params.needs_penalties and not st.params.logprobs for st in states)
+
+    @staticmethod
+    def take(token_ids: list[int], states: list[SamplingState]) -> SampleResult:
+        """A plain-greedy batch's argmax tokens, appended to their states."""
+        for state, tok in zip(states, token_ids):
+            state.output_token_ids.append(tok)
+        return SampleResult(token_ids=token_ids, logprobs=[None] * len(states))
+
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(states)} states")
         batch = len(states)
         device = logits.device
-        if all(st.params.greedy and not st.params.needs_penalties and not st.params.logprobs for st in states):
+        if self.plain_greedy(states):
             # the common greedy batch: argmax of the raw logits, no fp32 copy and no row gathers
-            token_ids = first_argmax(logits, self.kernel).tolist()
-            for state, tok in zip(states, token_ids):
-                state.output_token_ids.append(tok)
-            return SampleResult(token_ids=token_ids, logprobs=[None] * batch)
+            return self.take(first_argmax(logits, self.kernel).tolist(), states)
         # A copy, so penalties applied in place never touch the caller's tensor.
         logits = logits.to(torch.float32, copy=True)
 

@@ -50,6 +50,9 @@ class WorkerSpec:
     # Optional speed mode, off by default (model/int8.py): the lm_head as a dynamic int8 linear on
     # CPU. Logits move ~1% relative, so tokens can differ from transformers'.
     int8_lm_head: bool = False
+    # Beside a packed bf16 lm_head on CPU, an int8 copy that screens greedy rows' logits (exact
+    # argmax, ~half the head's bytes read at batch 1-4; model/greedy_head.py). +1 byte per head weight.
+    greedy_head_screen: bool = True
     # Routed experts and decode attention through the hand-written CPU kernels (model/kernels),
     # built on first use; EXPERTMESH_CPU_KERNELS=0 keeps torch's ops (to compare the two).
     cpu_kernels: bool = field(default_factory=lambda: os.environ.get("EXPERTMESH_CPU_KERNELS", "1") != "0")
@@ -94,7 +97,7 @@ class ModelWorker:
         if spec.int8_lm_head:
             self.model.int8_lm_head()
         if spec.cpu_kernels and self.device.type == "cpu":
-            self.model.use_cpu_kernels()
+            self.model.use_cpu_kernels(greedy_head_screen=spec.greedy_head_screen and not spec.int8_lm_head)
         if spec.prepack:
             self.model.prepack()
         self.mover = None
@@ -197,9 +200,12 @@ class ModelWorker:
         if sample_rows:
             with self.profiler.span("sample"):
                 last = batch.last_token_index()[sample_rows]
-                logits = self.model.logits(hidden[last])
                 states = [self.states[work.seqs[i].request_id] for i in sample_rows]
-                result = self.sampler(logits, states)
+                greedy = self.model.greedy_tokens(hidden[last]) if Sampler.plain_greedy(states) else None
+                if greedy is not None:
+                    result = self.sampler.take(greedy.tolist(), states)
+                else:
+                    result = self.sampler(self.model.logits(hidden[last]), states)
             for j, i in enumerate(sample_rows):
                 lp = result.logprobs[j] if result.logprobs else None
                 out.sampled.append(SampledToken(work.seqs[i].request_id, result.token_ids[j],

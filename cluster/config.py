@@ -103,6 +103,10 @@ class ModelSection(_Section):
     # Optional speed mode, off by default: the lm_head as a dynamic int8 linear on CPU (fbgemm),
     # half the bytes per token; logits move ~1% relative, so tokens can differ from transformers'.
     int8_lm_head: bool = False
+    # CPU, bf16: an int8 copy of the lm_head beside it screens greedy rows' logits at batch 1-2, so
+    # only a few are computed from the bf16 weights (same token; ~half the head's bytes read per
+    # step). Costs 1 byte per head weight (+0.9 GB for DeepSeek-R1's head); false saves it.
+    greedy_head_screen: bool = True
     # What an unset temperature / top_p / top_k means; unset keys fall back to the checkpoint's
     # generation_config.json (R1: temperature 0.6, top_p 0.95), then to 1.0 / 1.0 / off.
     sampling_defaults: "SamplingDefaults" = Field(default_factory=lambda: SamplingDefaults())

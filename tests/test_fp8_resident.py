@@ -71,7 +71,10 @@ def test_resident_bytes_match_the_arithmetic(tiny_fp8_ckpt, dtype):
     for keep in (True, False):
         w = _worker(tiny_fp8_ckpt, name, keep, prepack=False)
         fp8_names = reader.fp8_names() if keep else set()
-        assert w.model.weight_bytes() == resident_weight_bytes(reader.config, dtype, None, fp8_names)
+        screen = w.model.head_screen is not None  # CPU bf16 where the head is pair-packed
+        assert screen == (dtype == torch.bfloat16 and w.model.head_kernel is not None
+                          and w.model.head_kernel.has_packed_linear())
+        assert w.model.weight_bytes() == resident_weight_bytes(reader.config, dtype, None, fp8_names, screen)
     kept = _worker(tiny_fp8_ckpt, name, True, prepack=False).model.weight_bytes()
     n_fp8 = sum(torch.Size(s).numel() for n, s in reader.needed().items() if n in reader.fp8_names())
     assert kept["fp8"] == n_fp8  # one byte per FP8 weight

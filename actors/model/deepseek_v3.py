@@ -16,6 +16,7 @@ from .attention import MLAttention
 from .config import ModelConfig
 from .fp8 import FP8_DTYPES, Fp8Tensor, convert_linears, tensor_bytes
 from .gate import NoAuxTCGate
+from .greedy_head import ScreenedHead, can_screen
 from .int8 import Int8Linear
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
@@ -70,6 +71,7 @@ class DeepseekV3Model(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config)
         self.head_kernel = None  # the CPU kernels' ops once use_cpu_kernels found them (see logits)
+        self.head_screen: ScreenedHead | None = None  # greedy rows' int8 screen of a packed head
 
     def set_profiler(self, profiler: StepProfiler) -> None:
         for layer in self.layers:
@@ -87,10 +89,12 @@ class DeepseekV3Model(nn.Module):
                 n += 2 * moe.experts.count
         return n
 
-    def use_cpu_kernels(self) -> int:
+    def use_cpu_kernels(self, greedy_head_screen: bool = True) -> int:
         """Routed experts and decode attention through the CPU kernels (model/kernels), before
         `prepack` (the expert kernel reads the dense stacks). Returns how many modules use them
-        (0 on CUDA or with no compiler; FP8-resident experts keep their own path)."""
+        (0 on CUDA or with no compiler; FP8-resident experts keep their own path).
+        `greedy_head_screen`: beside a packed bf16 head, its int8 screen for greedy rows
+        (model/greedy_head.py)."""
         n = sum(moe.experts.use_kernel() for moe in self.moe_layers())
         n += sum(layer.self_attn.use_kernel() for layer in self.layers)
         if self.norm.weight.device.type == "cpu":
@@ -102,6 +106,8 @@ class DeepseekV3Model(nn.Module):
             if (self.head_kernel is not None and type(head) is nn.Linear and head.weight.dtype == torch.bfloat16
                     and self.head_kernel.has_packed_linear() and not self.config.tie_word_embeddings):
                 self.lm_head = PairPackedLinear(head, self.head_kernel)
+                if greedy_head_screen:
+                    self.head_screen = ScreenedHead(head.weight, self.lm_head, self.head_kernel)
             if self.head_kernel is not None:
                 for mod in self.modules():
                     if isinstance(mod, (RMSNorm, NoAuxTCGate)):
@@ -121,6 +127,7 @@ class DeepseekV3Model(nn.Module):
         becomes a dynamic int8 linear (half the bytes read per token); its bf16/fp32 copy is dropped
         unless the embedding shares it."""
         self.lm_head = Int8Linear(self.lm_head.weight)
+        self.head_screen = None
 
     def keep_fp8(self, fp8_names: set[str], block: tuple[int, int]) -> int:
         """Before loading: every linear (and routed-expert stack) the checkpoint stores in FP8 is
@@ -137,8 +144,8 @@ class DeepseekV3Model(nn.Module):
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident bytes of the weights this process holds, by storage: "fp8" (e4m3 weights),
-        "scales" (their fp32 block scales), "dense" (everything else, prepacked copies included), and "int8" (the int8 lm_head, when that
-        speed mode is on)."""
+        "scales" (their fp32 block scales), "dense" (everything else, prepacked copies included), "int8" (the int8 lm_head, when that
+        speed mode is on) and "head_screen" (the greedy rows' int8 screen beside a packed head)."""
         out = {"fp8": 0, "scales": 0, "dense": 0}
         pair_packed = {f"{name}.packed" for name, mod in self.named_modules() if isinstance(mod, PairPackedLinear)}
         for name, p in self.named_parameters():
@@ -155,6 +162,9 @@ class DeepseekV3Model(nn.Module):
                 out["dense"] += mod.in_features * mod.out_features * 2
             elif isinstance(mod, Int8Linear):
                 out["int8"] = out.get("int8", 0) + mod.weight_bytes
+            elif isinstance(mod, ScreenedHead):  # not dense: its int8 copy is the extra the screen costs
+                out["dense"] -= sum(tensor_bytes(p) for p in mod.parameters())
+                out["head_screen"] = mod.weight_bytes
         for moe in self.moe_layers():
             if moe.experts.packed is not None:
                 out["dense"] += moe.experts.param_count * 2
@@ -194,6 +204,14 @@ class DeepseekV3Model(nn.Module):
                 and hidden.shape[0] <= HEAD_KERNEL_MAX_ROWS and hidden.dtype == head.weight.dtype):
             return self.head_kernel.linear_small(hidden, head.weight)
         return head(hidden)
+
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """argmax of logits(hidden) per row through the head's int8 screen (model/greedy_head.py),
+        or None where there is none or it does not pay (more than SCREEN_MAX_ROWS rows)."""
+        if self.head_screen is None or not can_screen(self.lm_head, hidden):
+            return None
+        return self.head_screen.greedy(hidden, self.lm_head)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies hub-named tensors into the model; returns the parameter names that were filled."""

@@ -58,6 +58,8 @@ class EngineConfig:
     # Optional speed mode, off by default: the lm_head in dynamic int8 on CPU (actors/model/int8.py);
     # logits move ~1% relative, so tokens can differ from transformers'.
     int8_lm_head: bool = False
+    # CPU bf16: the lm_head's int8 screen for greedy rows (actors/model/greedy_head.py): same tokens
+    greedy_head_screen: bool = True
 
 
 @dataclass
@@ -107,7 +109,8 @@ class Engine:
                           kv_slots=self.kv_buffer_slots, ep_rank=rank, ep_size=self.config.ep_size,
                           progress=self.config.progress, seed=self.config.seed, device=self.config.device,
                           redundant_experts=redundant_slots(self.config.eplb, self.config.ep_size),
-                          keep_fp8=self.config.keep_fp8, int8_lm_head=self.config.int8_lm_head)
+                          keep_fp8=self.config.keep_fp8, int8_lm_head=self.config.int8_lm_head,
+                          greedy_head_screen=self.config.greedy_head_screen)
 
     @property
     def max_sequence_tokens(self) -> int:

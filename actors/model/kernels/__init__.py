@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "moe_cpu.cpp", HERE / "mla_cpu.cpp", HERE / "linear_cpu.cpp", HERE / "norm_cpu.cpp",
-           HERE / "argmax_cpu.cpp", HERE / "route_cpu.cpp")
+           HERE / "argmax_cpu.cpp", HERE / "route_cpu.cpp", HERE / "head_cpu.cpp")
 
 
 def _cpu_flags() -> str:

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -39,6 +40,31 @@ int64_t row_argmax(const T* x, int64_t V) {
   best = _mm512_reduce_max_ps(vbest);
   const __mmask16 at = _mm512_cmp_ps_mask(vbest, _mm512_set1_ps(best), _CMP_EQ_OQ);
   best_i = _mm512_mask_reduce_min_epi32(at, vidx);
+#elif defined(__AVX2__) && defined(__FMA__)
+  // the same per lane (scalar, this was 1.6 ms of a batch-32 step on an AVX2 EPYC)
+  __m256 vbest = _mm256_set1_ps(best);
+  __m256i vidx = _mm256_setzero_si256();
+  const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = vload(x + i);
+    const int nan = _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    if (nan) return i + __builtin_ctz(nan);
+    const __m256 gt = _mm256_cmp_ps(v, vbest, _CMP_GT_OQ);
+    vbest = _mm256_blendv_ps(vbest, v, gt);
+    vidx = _mm256_blendv_epi8(vidx, _mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(i))),
+                              _mm256_castps_si256(gt));
+  }
+  if (i > 0) {
+    best = vhmax(vbest);
+    alignas(32) float lane_best[8];
+    alignas(32) int32_t lane_idx[8];
+    _mm256_store_ps(lane_best, vbest);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), vidx);
+    best_i = V;
+    for (int l = 0; l < 8; ++l)
+      if (lane_best[l] == best) best_i = std::min<int64_t>(best_i, lane_idx[l]);
+    if (best_i == V) best_i = 0;  // every value -inf: no lane ever moved
+  }
 #endif
   for (; i < V; ++i) {
     const float v = widen(x[i]);

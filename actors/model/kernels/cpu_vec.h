@@ -24,6 +24,9 @@ inline vec vload(const bf16* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+inline vec vload_i8(const int8_t* p) {  // 16 int8 -> fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
@@ -37,6 +40,9 @@ inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vec vload(const bf16* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vec vload_i8(const int8_t* p) {  // 8 int8 -> fp32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -89,6 +95,7 @@ constexpr int VL = 1;
 struct vec { float v; };
 inline vec vload(const float* p) { return {*p}; }
 inline vec vload(const bf16* p) { return {static_cast<float>(*p)}; }
+inline vec vload_i8(const int8_t* p) { return {static_cast<float>(*p)}; }
 inline vec vzero() { return {0.f}; }
 inline vec vfma(vec a, vec b, vec c) { return {a.v * b.v + c.v}; }
 inline vec vadd(vec a, vec b) { return {a.v + b.v}; }
