@@ -2,7 +2,8 @@
 cpu_vec.h's vector helpers: `grouped_ffn` and `combine` (moe_cpu.cpp: the routed experts at decode
 batches and their weighted sum), `mla_attend` (mla_cpu.cpp: absorbed MLA attention over the KV
 cache's slots, decode rows and, on AMX, prefill rows), `linear_small` and `linear_packed`
-(linear_cpu.cpp: the lm_head and, on AMX and on AVX2-only CPUs, every bf16 linear), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `moe_route`
+(linear_cpu.cpp: the lm_head and, on AMX and on AVX2-only CPUs, every bf16 linear), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `head_screen_argmax`
+(head_cpu.cpp: greedy rows' argmax from the lm_head's int8 screen), `moe_route`
 (route_cpu.cpp: the noaux_tc gate's selection). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
 prefill-sized work runs on its tile unit (amx.h); EXPERTMESH_AMX=0 keeps the AVX-512 paths.
 
