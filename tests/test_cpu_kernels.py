@@ -408,3 +408,29 @@ def test_moe_route_kernel_selects_the_references_experts(groups, topk_group, top
     torch.testing.assert_close(got_w.gather(1, order_got), want_w.gather(1, order_want), rtol=1e-6, atol=0)
     with pytest.raises(RuntimeError, match="groups"):
         cpu_kernels().moe_route(torch.rand(2, 30), torch.zeros(30), 4, 2, 3, True, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_kernel_is_bitwise_the_torch_rotation(dtype, interleave):
+    """rope_rows (the query with its nope part kept, and the strided k_pe slice) against
+    RotaryEmbedding's torch ops: the same roundings, so the same bits."""
+    from expertmesh.actors.model.config import ModelConfig
+    from expertmesh.actors.model.rope import RotaryEmbedding
+    from expertmesh.cluster.devtools.checkpoints import hub_config
+
+    cfg = ModelConfig.from_dict({**hub_config("tiny"), "rope_interleave": interleave})
+    rope = RotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(7)
+    t, heads, nope, r = 9, 4, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    cos, sin = rope.cos_sin(torch.arange(100, 100 + t), dtype)
+    q = (torch.randn(t, heads, nope + r, generator=g) * 3).to(dtype)
+    kv = (torch.randn(t, 40 + r, generator=g) * 3).to(dtype)
+    k = kv[:, 40:].unsqueeze(1)  # a strided slice, as kv_a_proj's output is split
+    want_q = torch.cat([q[..., :nope], rope.rotate(q[..., nope:], cos, sin)], dim=-1)
+    want_k = rope.rotate(k, cos, sin)
+    rope.kernel = cpu_kernels()
+    assert torch.equal(rope.rotate_tail(q, nope, cos, sin), want_q)
+    assert torch.equal(rope.rotate_tail(k, 0, cos, sin), want_k)
+    with pytest.raises(RuntimeError, match="rotate"):
+        cpu_kernels().rope_rows(q, cos[:, :-1], sin[:, :-1], nope, interleave)

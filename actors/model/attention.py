@@ -87,12 +87,10 @@ class MLAttention(nn.Module):
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
-        q = q.view(t, self.num_heads, self.nope + self.rope_dim)
-        q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
+        q = rope.rotate_tail(q.view(t, self.num_heads, self.nope + self.rope_dim), self.nope, cos, sin)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q = torch.cat([q_nope, rope.rotate(q_rot, cos, sin)], dim=-1)
-        k_rot = rope.rotate(k_rot.unsqueeze(1), cos, sin).squeeze(1)
+        k_rot = rope.rotate_tail(k_rot.unsqueeze(1), 0, cos, sin).squeeze(1)
         kv.write(self.layer, batch.out_slots, latent, k_rot)
 
         if self._on_kernel(q, batch, kv):

@@ -109,6 +109,8 @@ class DeepseekV3Model(nn.Module):
                 if greedy_head_screen:
                     self.head_screen = ScreenedHead(head.weight, self.lm_head, self.head_kernel)
             if self.head_kernel is not None:
+                self.rope.kernel = self.head_kernel
+                n += 1
                 for mod in self.modules():
                     if isinstance(mod, (RMSNorm, NoAuxTCGate)):
                         mod.kernel = self.head_kernel

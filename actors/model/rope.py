@@ -66,6 +66,7 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, self.attention_factor = inv_freq_and_attention_factor(config.rope, config.qk_rope_head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleave = config.rope_interleave
+        self.kernel = None  # the CPU kernels' ops (rope_rows), set by use_cpu_kernels
 
     def reset_frequencies(self) -> None:
         """Recomputes the frequencies in fp32 (after a model-wide .to(bfloat16) rounded them)."""
@@ -77,6 +78,16 @@ class RotaryEmbedding(torch.nn.Module):
         cos = (freqs.cos() * self.attention_factor).to(dtype)
         sin = (freqs.sin() * self.attention_factor).to(dtype)
         return cos, sin
+
+    def rotate_tail(self, x: torch.Tensor, offset: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, offset + rope_dim] with its last rope_dim dims rotated (the query's nope
+        part, or nothing for k_pe, kept): one CPU kernel call where there is one, bitwise the same."""
+        if (self.kernel is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and cos.dtype == x.dtype):
+            return self.kernel.rope_rows(x, cos, sin, offset, self.interleave)
+        if offset == 0:
+            return self.rotate(x, cos, sin)
+        return torch.cat([x[..., :offset], self.rotate(x[..., offset:], cos, sin)], dim=-1)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, rope_dim]; cos/sin: [T, rope_dim // 2]."""

@@ -4,7 +4,7 @@ batches and their weighted sum), `mla_attend` (mla_cpu.cpp: absorbed MLA attenti
 cache's slots, decode rows and, on AMX, prefill rows), `linear_small` and `linear_packed`
 (linear_cpu.cpp: the lm_head and, on AMX and on AVX2-only CPUs, every bf16 linear), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `head_screen_argmax`
 (head_cpu.cpp: greedy rows' argmax from the lm_head's int8 screen), `moe_route`
-(route_cpu.cpp: the noaux_tc gate's selection). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
+(route_cpu.cpp: the noaux_tc gate's selection), `rope_rows` (rope_cpu.cpp: MLA's rotary embedding). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
 prefill-sized work runs on its tile unit (amx.h); EXPERTMESH_AMX=0 keeps the AVX-512 paths.
 
 Written by hand because no library serves this torch: IPEX's fused MoE and attention pin torch
@@ -32,7 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "moe_cpu.cpp", HERE / "mla_cpu.cpp", HERE / "linear_cpu.cpp", HERE / "norm_cpu.cpp",
-           HERE / "argmax_cpu.cpp", HERE / "route_cpu.cpp", HERE / "head_cpu.cpp")
+           HERE / "argmax_cpu.cpp", HERE / "route_cpu.cpp", HERE / "head_cpu.cpp",
+           HERE / "rope_cpu.cpp")
 
 
 def _cpu_flags() -> str:
