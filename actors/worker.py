@@ -51,7 +51,7 @@ class WorkerSpec:
     # CPU. Logits move ~1% relative, so tokens can differ from transformers'.
     int8_lm_head: bool = False
     # Beside a packed bf16 lm_head on CPU, an int8 copy that screens greedy rows' logits (exact
-    # argmax, ~half the head's bytes read at batch 1-4; model/greedy_head.py). +1 byte per head weight.
+    # argmax, ~half the head's bytes read at batch 1-2; model/greedy_head.py). +1 byte per head weight.
     greedy_head_screen: bool = True
     # Routed experts and decode attention through the hand-written CPU kernels (model/kernels),
     # built on first use; EXPERTMESH_CPU_KERNELS=0 keeps torch's ops (to compare the two).
