@@ -18,6 +18,8 @@
 
 #include <c10/util/BFloat16.h>
 
+#include "cpu_vec.h"  // vexp for the epilogues
+
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -123,24 +125,6 @@ inline void amx_pairs_32(const c10::BFloat16* A, int64_t lda, int64_t rows, cons
 inline __m512 round_bf16(__m512 x) {
   const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// e^x, within 2 ulp of expf over [-87, 88] (Cody-Waite ln 2 split, degree-6 polynomial, scalef):
-// what the epilogues need before their results are rounded to bf16
-inline __m512 vexp(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 }  // namespace expertmesh_cpu

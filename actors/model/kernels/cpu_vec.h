@@ -33,6 +33,36 @@ inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 inline vec vset1(float v) { return _mm512_set1_ps(v); }
 inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
+#define EXPERTMESH_VEC_EXP 1
+// e^x, within 2 ulp of expf over [-87, 88] (Cody-Waite ln 2 split, degree-6 polynomial, scalef):
+// a softmax's x - max, the AMX epilogues' silu
+inline vec vexp(vec x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+// fp32 -> nearest-even bf16 -> fp32, as c10::BFloat16's conversion rounds (subnormals kept, NaN
+// stays NaN; vcvtneps2bf16 would flush subnormals)
+inline vec vround_bf16(vec x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  const __m512 r = _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline float vhmax(vec a) { return _mm512_reduce_max_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int VL = 8;
 using vec = __m256;
