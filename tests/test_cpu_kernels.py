@@ -315,13 +315,13 @@ def test_bf16_steps_mixing_prefill_and_decode_rows_on_the_kernel_match_the_torch
 
     kern = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024))
     plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, cpu_kernels=False))
-    from expertmesh.actors.model.packed import PairPackedLinear, onednn_packs
+    from expertmesh.actors.model.packed import PairPackedLinear
 
     if _cpu_has_amx():
         assert all(layer.self_attn.kernel_prefill for layer in kern.model.layers)
-    if _cpu_has_amx() or not onednn_packs(torch.bfloat16):
-        # ... and its dense linears take the pair kernel (kv_b_proj stays dense): on AMX, and on
-        # AVX2, where oneDNN only emulates bf16
+    if cpu_kernels().has_packed_linear():
+        # ... and its dense linears take the pair kernel (kv_b_proj stays dense): on AMX, on
+        # AVX512-BF16, and on AVX2, where oneDNN only emulates bf16
         attn = kern.model.layers[0].self_attn
         assert isinstance(attn.o_proj, PairPackedLinear) and type(attn.kv_b_proj) is torch.nn.Linear
         assert isinstance(kern.model.lm_head, PairPackedLinear)

@@ -94,11 +94,11 @@ class PackedLinear(nn.Module):
 
 class PairPackedLinear(nn.Module):
     """A bias-free bf16 linear held in the CPU kernels' vdpbf16ps pair layout (kernels.pack_pairs)
-    and run by their `linear_packed`: the lm_head's choice where the CPU has AVX512-BF16, and every
-    bf16 linear's where it has AMX (the same layout is the tile unit's B operand) or only AVX2
-    (oneDNN emulates bf16 there; the kernel widens each pair by a shift and a mask). Same values as
-    F.linear up to the fp32 summation order (exact bf16 products, rounded once); on AVX512-BF16
-    1.2-1.35x oneDNN's packed linear at 1-2 rows (no horizontal sums), 0.9-1.05x at 4-32."""
+    and run by their `linear_packed`: every bf16 linear's where the CPU has AVX512-BF16 (vdpbf16ps),
+    AMX (the same layout is the tile unit's B operand) or only AVX2 (oneDNN emulates bf16 there; the
+    kernel widens each pair by a shift and a mask). Same values as F.linear up to the fp32 summation
+    order (exact bf16 products, rounded once); on an AVX512-BF16 EPYC 3x oneDNN's packed linear at
+    1-2 rows for `small`'s projections (no set-up, no horizontal sums), 1.0-1.7x at 32-1032 rows."""
 
     def __init__(self, linear: nn.Linear, ops):
         super().__init__()
@@ -121,10 +121,11 @@ class PairPackedLinear(nn.Module):
 
 def pair_pack_linears(model: nn.Module, ops, keep_dense: tuple[str, ...] = ()) -> int:
     """Replaces every bias-free bf16 nn.Linear with an even input width by a PairPackedLinear,
-    except modules whose name ends with one of `keep_dense`; for CPUs with AMX, where the kernel's
-    tile path serves prefill-sized inputs too, and for CPUs where oneDNN cannot pack bf16 (AVX2). At decode sizes oneDNN's packed matmul pays ~20 us
-    of set-up per call: the pair kernel is 2-4x faster at 1-32 rows for the attention and shared-
-    expert linears of `small`, 0.85-1.0x at 512 rows (an AMX Xeon, 2 threads). Returns how many."""
+    except modules whose name ends with one of `keep_dense`: wherever the kernels have linear_packed
+    (AVX512-BF16, AMX, AVX2). At decode sizes oneDNN's packed matmul pays ~20 us of set-up per call:
+    the pair kernel is 2-4x faster at 1-32 rows for the attention and shared-expert linears of
+    `small`, 0.85-1.0x at 512 rows on an AMX Xeon, 1.0-1.7x at 32-1032 on an AVX512-BF16 EPYC (2
+    threads). Returns how many."""
     n = _replace_linears(model, lambda mod: mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu"
                          and mod.in_features % 2 == 0, lambda mod: PairPackedLinear(mod, ops), keep_dense)
     if n:
