@@ -138,7 +138,8 @@ def resident_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, expert_filter: E
     """The weight memory a rank holds once loaded, from the config alone: tensors in `fp8_names`
     at 1 byte per weight plus an fp32 scale per block ("fp8", "scales"), the gate's fp32 tensors,
     the rest in `dtype` ("dense"); with `head_screen` (CPU bf16, model/greedy_head.py) the lm_head's
-    int8 screen, its rows padded to 32, with two fp32 numbers per row. The arithmetic behind
+    int8 screen, its rows padded to 32 (and, on VNNI CPUs, its width to 4), with four fp32 stats and
+    an int32 sum per row. The arithmetic behind
     configs/deepseek-r1-a100.yaml's plan; tests compare it with what the model really holds
     (`DeepseekV3Model.weight_bytes`)."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -151,7 +152,7 @@ def resident_weight_bytes(cfg: ModelConfig, dtype: torch.dtype, expert_filter: E
         else:
             out["dense"] += n * (4 if name.endswith(FP32_SUFFIXES) else size)
     if head_screen:
-        out["head_screen"] = -(-cfg.vocab_size // 32) * 32 * (cfg.hidden_size + 8)
+        out["head_screen"] = -(-cfg.vocab_size // 32) * 32 * (-(-cfg.hidden_size // 4) * 4 + 20)
     return out
 
 

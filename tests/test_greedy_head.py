@@ -1,4 +1,4 @@
-"""Issue 14: greedy rows at batch 1-2 through the lm_head's int8 screen (actors/model/greedy_head.py,
+"""Issue 14: greedy rows through the lm_head's int8 screen (actors/model/greedy_head.py,
 kernels/head_cpu.cpp). It is not a speed mode: the token must be the bf16 head's argmax. Checked
 against the full head on random heads (rows of different scales, a head whose rows do not fill
 the packed blocks), undecidable rows (flat, non-finite) falling back to the full head, the engine's
@@ -48,10 +48,10 @@ def test_screened_argmax_is_the_full_heads(n, k):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(64, k, generator=g) * torch.logspace(-1, 1, 64)[:, None]).to(torch.bfloat16)
     want = _argmax_set(head(x))
-    for rows in (1, 2):
+    for rows in (1, 2, 7, 13, 32):  # the VNNI path's row tiles (12) and their tails
         for i in range(0, 64, rows):
-            got = ops.head_screen_argmax(x[i : i + rows], head.packed, n, screen.w8, screen.scale, screen.err,
-                                         MAX_CANDIDATES)
+            got = ops.head_screen_argmax(x[i : i + rows], head.packed, n, screen.w8, screen.stats,
+                                         screen.rowsum128, MAX_CANDIDATES)
             for j, tok in enumerate(got.tolist()):
                 assert tok in want[i + j], (i + j, tok, want[i + j])
     assert all(t in w for t, w in zip(screen.greedy(x[:2], head).tolist(), want[:2]))
@@ -61,13 +61,14 @@ def test_rows_the_screen_cannot_decide_take_the_full_head():
     head, screen, _ = _head(3000, 64, seed=5)
     flat = torch.zeros(1, 64, dtype=torch.bfloat16)  # every logit 0: all are candidates
     bad = torch.full((1, 64), float("nan"), dtype=torch.bfloat16)
-    raw = ops.head_screen_argmax(torch.cat([flat, bad]), head.packed, 3000, screen.w8, screen.scale, screen.err,
-                                 MAX_CANDIDATES)
+    raw = ops.head_screen_argmax(torch.cat([flat, bad]), head.packed, 3000, screen.w8, screen.stats,
+                                 screen.rowsum128, MAX_CANDIDATES)
     assert raw.tolist() == [-1, -1]
     got = screen.greedy(torch.cat([flat, bad]), head)
     assert got.tolist() == ops.argmax_rows(head(torch.cat([flat, bad]))).tolist()
     with pytest.raises(RuntimeError, match="one scale and bound per row"):
-        ops.head_screen_argmax(flat, head.packed, 3000, screen.w8, screen.scale[:-1], screen.err, MAX_CANDIDATES)
+        ops.head_screen_argmax(flat, head.packed, 3000, screen.w8, screen.stats[:, :-1], screen.rowsum128,
+                               MAX_CANDIDATES)
 
 
 def test_engine_tokens_with_the_screen_equal_the_full_head(tiny_ckpt):
@@ -88,8 +89,18 @@ def test_engine_tokens_with_the_screen_equal_the_full_head(tiny_ckpt):
     cfg = on.config
     a, b = on.model.weight_bytes(), off.model.weight_bytes()
     blocks = on.model.lm_head.packed.shape[0]
-    assert a["head_screen"] == blocks * 16 * (cfg.hidden_size + 8) and "head_screen" not in b
+    assert a["head_screen"] == blocks * 16 * (-(-cfg.hidden_size // 4) * 4 + 20) and "head_screen" not in b
     assert a["dense"] == b["dense"]
+
+
+def test_the_screen_serves_every_greedy_batch_where_int8_dot_products_run():
+    """With AVX512-VNNI (and no AMX tiles for the bf16 head) the screen is faster than the full
+    head at any batch (twice the multiply-adds per instruction); elsewhere it serves 1-2 rows."""
+    head, screen, _ = _head(512, 64, seed=9)
+    x = torch.randn(64, 64).to(torch.bfloat16)
+    wide = ops.head_screen_vnni() and not ops.has_amx()
+    assert screen.serves(head, x[:2]) and screen.serves(head, x[:64]) == wide
+    assert not screen.serves(head, x[:0]) and not screen.serves(head, x[:2].float())
 
 
 def test_the_knob_reaches_the_engine():

@@ -16,7 +16,7 @@ from .attention import MLAttention
 from .config import ModelConfig
 from .fp8 import FP8_DTYPES, Fp8Tensor, convert_linears, tensor_bytes
 from .gate import NoAuxTCGate
-from .greedy_head import ScreenedHead, can_screen
+from .greedy_head import ScreenedHead
 from .int8 import Int8Linear
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
@@ -210,8 +210,8 @@ class DeepseekV3Model(nn.Module):
     @torch.inference_mode()
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """argmax of logits(hidden) per row through the head's int8 screen (model/greedy_head.py),
-        or None where there is none or it does not pay (more than SCREEN_MAX_ROWS rows)."""
-        if self.head_screen is None or not can_screen(self.lm_head, hidden):
+        or None where there is none or it does not pay on this CPU (ScreenedHead.serves)."""
+        if self.head_screen is None or not self.head_screen.serves(self.lm_head, hidden):
             return None
         return self.head_screen.greedy(hidden, self.lm_head)
 

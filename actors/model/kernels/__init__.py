@@ -2,8 +2,9 @@
 cpu_vec.h's vector helpers: `grouped_ffn` and `combine` (moe_cpu.cpp: the routed experts at decode
 batches and their weighted sum), `mla_attend` (mla_cpu.cpp: absorbed MLA attention over the KV
 cache's slots, decode rows and, on AMX, prefill rows), `linear_small` and `linear_packed`
-(linear_cpu.cpp: the lm_head and, on AMX and on AVX2-only CPUs, every bf16 linear), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `head_screen_argmax`
-(head_cpu.cpp: greedy rows' argmax from the lm_head's int8 screen), `moe_route`
+(linear_cpu.cpp: every bf16 linear where the CPU has AVX512-BF16, AMX or only AVX2), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `head_screen_argmax`
+(head_cpu.cpp: greedy rows' argmax from the lm_head's int8 screen, on int8 dot products where the
+CPU has AVX512-VNNI), `moe_route`
 (route_cpu.cpp: the noaux_tc gate's selection), `rope_rows` (rope_cpu.cpp: MLA's rotary embedding). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
 prefill-sized work runs on its tile unit (amx.h); EXPERTMESH_AMX=0 keeps the AVX-512 paths.
 
