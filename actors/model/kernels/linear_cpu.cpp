@@ -14,6 +14,7 @@
 
 #include "amx.h"
 #include "cpu_vec.h"
+#include "pair_gemm.h"
 
 // linear_packed exists where the CPU multiplies bf16 pairs (AVX512-BF16) or where oneDNN cannot
 // pack bf16 and the pairs are widened by hand (AVX2 + FMA without AVX-512)
@@ -61,35 +62,8 @@ at::Tensor linear_small(const at::Tensor& x, const at::Tensor& w) {
 }
 
 // ---- bf16 weights packed in vdpbf16ps pairs: any row count, no horizontal sums ------------------
-// wp [N/16, K/2, 16, 2] (pack_pairs in kernels/__init__.py): the 64 bytes at wp[b, k2] hold the
-// (2 k2, 2 k2 + 1) pair of 16 consecutive outputs, so one vdpbf16ps per (block, pair, token) adds
-// into 16 outputs at once and the weight streams sequentially, block after block.
+// wp [N/16, K/2, 16, 2] (pack_pairs in kernels/__init__.py): pair_gemm.h's tiles.
 #if defined(__AVX512BF16__)
-constexpr int PT = 6;  // tokens per tile: 2 blocks x 6 tokens = 12 accumulators
-
-template <int M>
-inline void packed_tile(const bf16* b0, const bf16* b1, const bf16* x, int64_t K, int64_t K2, __m512* out) {
-  __m512 acc[2][M];
-  for (int j = 0; j < M; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
-  for (int64_t k2 = 0; k2 < K2; ++k2) {
-    prefetch(b0 + (k2 + 128) * 32, 64);  // 8 KB ahead in each stream (1-2 KB ahead ran 25% slower)
-    prefetch(b1 + (k2 + 128) * 32, 64);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(b0 + k2 * 32);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(b1 + k2 * 32);
-    for (int j = 0; j < M; ++j) {
-      int32_t pair;
-      std::memcpy(&pair, x + j * K + 2 * k2, sizeof(pair));
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      acc[0][j] = _mm512_dpbf16_ps(acc[0][j], w0, xb);
-      acc[1][j] = _mm512_dpbf16_ps(acc[1][j], w1, xb);
-    }
-  }
-  for (int j = 0; j < M; ++j) {
-    out[2 * j] = acc[0][j];
-    out[2 * j + 1] = acc[1][j];
-  }
-}
-
 #if defined(EXPERTMESH_AMX)
 // From this many rows the tile unit beats vdpbf16ps on the same packed weight (an AMX Xeon, the
 // 129k x 512 head); below it the weight's bytes bound both.
@@ -142,14 +116,7 @@ void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB,
       const bf16* b1 = b0 + K2 * 32;
       for (int64_t j0 = 0; j0 < M; j0 += PT) {
         const int64_t m = std::min<int64_t>(PT, M - j0);
-        switch (m) {
-          case 1: packed_tile<1>(b0, b1, X + j0 * K, K, K2, tile); break;
-          case 2: packed_tile<2>(b0, b1, X + j0 * K, K, K2, tile); break;
-          case 3: packed_tile<3>(b0, b1, X + j0 * K, K, K2, tile); break;
-          case 4: packed_tile<4>(b0, b1, X + j0 * K, K, K2, tile); break;
-          case 5: packed_tile<5>(b0, b1, X + j0 * K, K, K2, tile); break;
-          default: packed_tile<6>(b0, b1, X + j0 * K, K, K2, tile); break;
-        }
+        pair_tile_rows(m, b0, b1, X + j0 * K, K, K2, tile);
         const int64_t n0 = 2 * p * 16, nr = std::min<int64_t>(32, n_out - n0);
         for (int64_t j = 0; j < m; ++j) {
           _mm512_storeu_ps(buf, tile[2 * j]);
