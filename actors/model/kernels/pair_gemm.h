@@ -55,27 +55,39 @@ inline void pair_tile_rows(int64_t m, const bf16* b0, const bf16* b1, const bf16
   }
 }
 
-// C[m, n] (fp32, ldc per row) = A[m, :2 K2] . W[n, :2 K2] for m < M, n < 16 NB, W in the pair layout
-// with NB (even) blocks. Tasks are (row chunk, block pair), so a chunk's rows stay in L1/L2 while
-// the blocks pass.
+// C[m, n] (fp32, ldc per row) = A[m, :2 K2] . W[n, :2 K2] for m in [m0, m1), the 2 blocks of pair p
+inline void pair_gemm_part(const bf16* A, int64_t lda, int64_t m0, int64_t m1, int64_t K2, const bf16* W, int64_t p,
+                           float* C, int64_t ldc) {
+  __m512 tile[2 * PT];
+  const bf16* b0 = W + (2 * p) * K2 * 32;
+  for (int64_t j0 = m0; j0 < m1; j0 += PT) {
+    const int64_t m = std::min<int64_t>(PT, m1 - j0);
+    pair_tile_rows(m, b0, b0 + K2 * 32, A + j0 * lda, lda, K2, tile);
+    for (int64_t j = 0; j < m; ++j) {
+      float* c = C + (j0 + j) * ldc + 2 * p * 16;
+      _mm512_storeu_ps(c, tile[2 * j]);
+      _mm512_storeu_ps(c + 16, tile[2 * j + 1]);
+    }
+  }
+}
+
+constexpr int64_t PAIR_MC = 8 * PT;  // rows per task: a chunk's rows stay in L1/L2 while the blocks pass
+
+// The whole product C [M, 16 NB] on this thread (W with NB, even, blocks).
+inline void pair_gemm_serial(const bf16* A, int64_t lda, int64_t M, int64_t K2, const bf16* W, int64_t NB, float* C,
+                             int64_t ldc) {
+  for (int64_t m0 = 0; m0 < M; m0 += PAIR_MC)
+    for (int64_t p = 0; p < NB / 2; ++p) pair_gemm_part(A, lda, m0, std::min(M, m0 + PAIR_MC), K2, W, p, C, ldc);
+}
+
+// The same on torch's thread pool: tasks are (row chunk, block pair).
 inline void pair_gemm_f32(const bf16* A, int64_t lda, int64_t M, int64_t K2, const bf16* W, int64_t NB, float* C,
                           int64_t ldc) {
-  constexpr int64_t MC = 8 * PT;
-  const int64_t chunks = (M + MC - 1) / MC, NP = NB / 2;
+  const int64_t chunks = (M + PAIR_MC - 1) / PAIR_MC, NP = NB / 2;
   at::parallel_for(0, chunks * NP, 1, [&](int64_t begin, int64_t end) {
-    __m512 tile[2 * PT];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / NP) * MC, rows = std::min(MC, M - m0), p = t % NP;
-      const bf16* b0 = W + (2 * p) * K2 * 32;
-      for (int64_t j0 = 0; j0 < rows; j0 += PT) {
-        const int64_t m = std::min<int64_t>(PT, rows - j0);
-        pair_tile_rows(m, b0, b0 + K2 * 32, A + (m0 + j0) * lda, lda, K2, tile);
-        for (int64_t j = 0; j < m; ++j) {
-          float* c = C + (m0 + j0 + j) * ldc + 2 * p * 16;
-          _mm512_storeu_ps(c, tile[2 * j]);
-          _mm512_storeu_ps(c + 16, tile[2 * j + 1]);
-        }
-      }
+      const int64_t m0 = (t / NP) * PAIR_MC;
+      pair_gemm_part(A, lda, m0, std::min(M, m0 + PAIR_MC), K2, W, t % NP, C, ldc);
     }
   });
 }
