@@ -288,7 +288,8 @@ def test_the_tile_unit_is_used_where_the_cpu_has_it():
 
 
 def test_amx_experts_equal_the_per_expert_loop():
-    """bf16 experts past max_rows: the AMX tile path on an AMX CPU (at::linear elsewhere), with
+    """bf16 experts past max_rows: the AMX tile path on an AMX CPU, the pair GEMMs on AVX512-BF16
+    (at::linear elsewhere), with
     one and several 16-token blocks, an odd block count, tails, and small experts beside them on
     the vector kernel."""
     from expertmesh.actors.model.experts import kernel_max_rows
@@ -304,6 +305,8 @@ def test_amx_experts_equal_the_per_expert_loop():
     assert kernel_max_rows(cpu_kernels(), torch.float32) == 32
     if _cpu_has_amx():
         assert kernel_max_rows(cpu_kernels(), torch.bfloat16) == 1
+    elif cpu_kernels().has_pair_experts():  # AVX512-BF16: big bf16 experts on the pair GEMMs
+        assert kernel_max_rows(cpu_kernels(), torch.bfloat16) == 16
 
 
 def test_bf16_steps_mixing_prefill_and_decode_rows_on_the_kernel_match_the_torch_path(tiny_ckpt):

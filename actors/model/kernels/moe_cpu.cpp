@@ -445,12 +445,22 @@ at::Tensor combine(const at::Tensor& outs, const at::Tensor& order, const at::Te
 // Which vector width this build runs: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar).
 int64_t vector_width() { return VL; }
 
+// Whether bf16 experts past max_rows take the pair GEMMs (expert_ffn_pairs) rather than at::linear.
+bool has_pair_experts() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(expertmesh, m) {
   m.def("grouped_ffn(Tensor xs, Tensor w13, Tensor w2, int[] counts, int max_rows) -> Tensor");
   m.def("combine(Tensor outs, Tensor order, Tensor weights) -> Tensor");
   m.def("vector_width() -> int", &vector_width);
+  m.def("has_pair_experts() -> bool", &has_pair_experts);
 }
 
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
