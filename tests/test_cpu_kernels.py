@@ -101,6 +101,54 @@ def test_expert_parallel_backend_with_the_kernel_equals_local(tmp_path):
     assert torch.equal(ep, local)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 200])
+def test_moe_experts_is_bitwise_the_permute_gather_ffn_combine_steps(dtype, tokens):
+    """The routed-experts step in one call: the same bits as permute_by_expert + gather_rows +
+    grouped_ffn + combine (what LocalExperts ran op by op), with experts 100-107 held here (first
+    = 100), some of them chosen by no token, and big experts past max_rows at 200 tokens."""
+    from expertmesh.actors.model.experts import combine, gather_rows, permute_by_expert
+
+    ops = cpu_kernels()
+    gen = torch.Generator().manual_seed(tokens)
+    w = _weights(8, 64, 96, dtype, seed=tokens)
+    ids = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(tokens)]) + 100  # experts 6, 7 idle
+    weights = torch.rand(tokens, 3, generator=gen)
+    x = torch.randn(tokens, 64, generator=gen).to(dtype)
+    order, counts = permute_by_expert(ids - 100, 8)
+    outs = ops.grouped_ffn(gather_rows(x, order // 3), w.w13, w.w2, counts.tolist(), 16)
+    want = combine(outs, order, weights, tokens, 3, ops)
+    got = ops.moe_experts(x, ids, weights, w.w13, w.w2, 100, 16)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    bad = ids.clone()
+    bad[0, 0] = 99
+    with pytest.raises(RuntimeError, match="is not one of"):
+        ops.moe_experts(x, bad, weights, w.w13, w.w2, 100, 16)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_packed_swiglu_is_the_dense_mlp(rows):
+    """A dense MLP / shared expert in one swiglu_packed call: DenseMLP's bf16 outputs up to the
+    order of each dot product's additions (the same roundings of gate, up, silu, product, output)."""
+    from expertmesh.actors.model.layers import DenseMLP
+    from expertmesh.actors.model.packed import PackedSwiGLU
+
+    if not cpu_kernels().has_packed_linear():
+        pytest.skip("no pair-packed linears in this build")
+    gen = torch.Generator().manual_seed(rows)
+    mlp = DenseMLP(64, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.2)
+    x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+    want = mlp(x).float()
+    got = PackedSwiGLU(mlp, cpu_kernels())(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 64)
+    scale = want.abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 2 ** -6 * scale
+    assert (got.float() - want).abs().mean().item() <= 2 ** -10 * scale
+
+
 def test_fp32_engine_on_the_kernel_keeps_transformers_greedy_tokens(tiny_ckpt):
     """Batched prefill and decode through the kernel: the greedy tokens stay transformers'."""
     from _engine_runs import greedy_reqs, run
@@ -386,9 +434,10 @@ def test_bmm_small_equals_torch_bmm():
 
 
 @pytest.mark.parametrize("groups,topk_group,top_k", [(8, 4, 6), (1, 1, 2), (4, 2, 3)])
-def test_moe_route_kernel_selects_the_references_experts(groups, topk_group, top_k):
-    """The noaux_tc selection after the router matmul: the same expert set per token and the same
-    weights (to the last bit of the normalisation's order) as the gate's torch path."""
+def test_moe_gate_kernel_selects_the_references_experts(groups, topk_group, top_k):
+    """The noaux_tc router (fp32 matmul, sigmoid, selection) in one call: the same expert set per
+    token and the same weights (to the last bits of the dot's and normalisation's orders) as the
+    gate's torch path."""
     from expertmesh.actors.model.config import ModelConfig
     from expertmesh.actors.model.gate import NoAuxTCGate
     from expertmesh.cluster.devtools.checkpoints import hub_config
@@ -410,7 +459,7 @@ def test_moe_route_kernel_selects_the_references_experts(groups, topk_group, top
     assert torch.equal(want_ids.gather(1, order_want), got_ids.gather(1, order_got))
     torch.testing.assert_close(got_w.gather(1, order_got), want_w.gather(1, order_want), rtol=1e-6, atol=0)
     with pytest.raises(RuntimeError, match="groups"):
-        cpu_kernels().moe_route(torch.rand(2, 30), torch.zeros(30), 4, 2, 3, True, 1.0)
+        cpu_kernels().moe_gate(torch.rand(2, 8).bfloat16(), torch.rand(30, 8), torch.zeros(30), 4, 2, 3, True, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

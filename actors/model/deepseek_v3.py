@@ -20,7 +20,7 @@ from .greedy_head import ScreenedHead
 from .int8 import Int8Linear
 from .layers import DenseMLP, RMSNorm
 from .moe import MoE
-from .packed import PackedLinear, PairPackedLinear, pair_pack_linears, prepack_linears
+from .packed import PackedLinear, PackedSwiGLU, PairPackedLinear, pack_swiglus, pair_pack_linears, prepack_linears
 from .rope import RotaryEmbedding
 from ..profiling import NULL_PROFILER, StepProfiler
 
@@ -121,6 +121,7 @@ class DeepseekV3Model(nn.Module):
                 # 1.0-1.7x at 32-1032 rows), and oneDNN only emulates bf16 on AVX2 (kv_b_proj stays
                 # dense: absorbed attention reads it; a tied embedding keeps its table)
                 keep = ("kv_b_proj",) + (("lm_head",) if self.config.tie_word_embeddings else ())
+                n += pack_swiglus(self, self.head_kernel)  # dense MLPs and shared experts: one call each
                 n += pair_pack_linears(self, self.head_kernel, keep_dense=keep)
         return n
 
@@ -150,6 +151,8 @@ class DeepseekV3Model(nn.Module):
         speed mode is on) and "head_screen" (the greedy rows' int8 screen beside a packed head)."""
         out = {"fp8": 0, "scales": 0, "dense": 0}
         pair_packed = {f"{name}.packed" for name, mod in self.named_modules() if isinstance(mod, PairPackedLinear)}
+        pair_packed |= {f"{name}.{p}" for name, mod in self.named_modules() if isinstance(mod, PackedSwiGLU)
+                        for p in ("gate_up", "down")}
         for name, p in self.named_parameters():
             if name in pair_packed:  # counted below at their dense size, as oneDNN's packed weights
                 continue
@@ -162,6 +165,8 @@ class DeepseekV3Model(nn.Module):
         for mod in self.modules():  # oneDNN-packed (bf16) weights are not parameters: their dense size
             if isinstance(mod, (PackedLinear, PairPackedLinear)):  # (pair packing pads rows to 32)
                 out["dense"] += mod.in_features * mod.out_features * 2
+            elif isinstance(mod, PackedSwiGLU):
+                out["dense"] += mod.dense_bytes
             elif isinstance(mod, Int8Linear):
                 out["int8"] = out.get("int8", 0) + mod.weight_bytes
             elif isinstance(mod, ScreenedHead):  # not dense: its int8 copy is the extra the screen costs

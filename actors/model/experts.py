@@ -35,6 +35,8 @@ class ExpertWeights(nn.Module):
         self.slot_experts = list(slot_experts) if slot_experts is not None else list(range(first, first + count))
         if len(self.slot_experts) != count:
             raise ValueError(f"{count} slots but {len(self.slot_experts)} slot experts")
+        # slot i holds expert first + i (no placement): a global id minus `first` is its slot
+        self.slots_contiguous = self.slot_experts == list(range(first, first + count))
         self.hidden, self.intermediate = hidden, intermediate
         # gate rows then up rows, as the reference stacks them
         self.w13 = nn.Parameter(torch.empty(count, 2 * intermediate, hidden), requires_grad=False)
@@ -308,7 +310,11 @@ class LocalExperts:
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         t, k = topk_ids.shape
+        w = self.weights
         with self.profiler.span("experts"):
+            if w.kernel is not None and x.dtype == w.w13.dtype and w.slots_contiguous:
+                # the whole step in one kernel call: permute, gather, grouped FFN, combine
+                return w.kernel.moe_experts(x, topk_ids, topk_weights.float(), w.w13, w.w2, w.first, w.kernel_max_rows)
             local = topk_ids - self.weights.first
             order, counts = permute_by_expert(local, self.weights.count)
             outs = self.weights.grouped_ffn(gather_rows(x, order // k), counts.tolist())

@@ -19,16 +19,17 @@ class NoAuxTCGate(nn.Module):
         self.topk_group = config.topk_group
         self.norm_topk_prob = config.norm_topk_prob
         self.scaling = config.routed_scaling_factor
-        # the CPU kernels' ops (kernels/route_cpu.cpp): the selection after the matmul in one call,
+        # the CPU kernels' ops (kernels/route_cpu.cpp): matmul, sigmoid and selection in one call,
         # for bf16 activations (its ids' order can move a normalisation sum by one fp32 bit)
         self.kernel = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] → (topk_ids [T, k] int64, topk_weights [T, k] fp32)."""
+        if (self.kernel is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and self.weight.dtype == torch.float32):  # matmul, sigmoid and selection in one call
+            return self.kernel.moe_gate(x, self.weight, self.e_score_correction_bias.float(), self.n_group,
+                                        self.topk_group, self.top_k, bool(self.norm_topk_prob), float(self.scaling))
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        if self.kernel is not None and x.dtype == torch.bfloat16 and scores.device.type == "cpu":
-            return self.kernel.moe_route(scores, self.e_score_correction_bias.float(), self.n_group, self.topk_group,
-                                         self.top_k, bool(self.norm_topk_prob), float(self.scaling))
         choice = scores + self.e_score_correction_bias
         t, e = choice.shape
         group_scores = choice.view(t, self.n_group, e // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)

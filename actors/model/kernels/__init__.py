@@ -4,8 +4,8 @@ batches and their weighted sum), `mla_attend` (mla_cpu.cpp: absorbed MLA attenti
 cache's slots, decode rows and, on AMX, prefill rows), `linear_small` and `linear_packed`
 (linear_cpu.cpp: every bf16 linear where the CPU has AVX512-BF16, AMX or only AVX2), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `head_screen_argmax`
 (head_cpu.cpp: greedy rows' argmax from the lm_head's int8 screen, on int8 dot products where the
-CPU has AVX512-VNNI), `moe_route`
-(route_cpu.cpp: the noaux_tc gate's selection), `rope_rows` (rope_cpu.cpp: MLA's rotary embedding). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
+CPU has AVX512-VNNI), `moe_gate`
+(route_cpu.cpp: the noaux_tc router: matmul, sigmoid, selection), `rope_rows` (rope_cpu.cpp: MLA's rotary embedding). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
 prefill-sized work runs on its tile unit (amx.h); EXPERTMESH_AMX=0 keeps the AVX-512 paths.
 
 Written by hand because no library serves this torch: IPEX's fused MoE and attention pin torch

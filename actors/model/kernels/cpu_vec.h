@@ -62,6 +62,7 @@ inline vec vround_bf16(vec x) {
 inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 inline float vhmax(vec a) { return _mm512_reduce_max_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int VL = 8;
@@ -114,6 +115,7 @@ inline vec vround_bf16(vec x) {
 inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 inline float vhmax(vec a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));

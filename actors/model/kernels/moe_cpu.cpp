@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -442,6 +443,42 @@ at::Tensor combine(const at::Tensor& outs, const at::Tensor& order, const at::Te
   return out;
 }
 
+// The whole routed-experts step of a MoE layer whose experts all live here, in one call: the
+// (token, choice) pairs in stable expert order, their rows gathered, grouped_ffn, combine. The
+// same values as permute_by_expert + gather_rows + grouped_ffn + combine (experts.py), without
+// their eight small torch ops (~100 us a MoE layer at decode sizes).
+//   expertmesh::moe_experts(x [T, H], ids [T, k] (global expert ids), weights [T, k] fp32,
+//                           w13 [E, 2I, H], w2 [E, H, I], first, max_rows) -> [T, H] fp32
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w13,
+                       const at::Tensor& w2, int64_t first, int64_t max_rows) {
+  TORCH_CHECK(x.device().is_cpu() && ids.device().is_cpu() && weights.device().is_cpu(), "moe_experts: CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() && ids.size(0) == x.size(0),
+              "moe_experts: x [T, H], ids and weights [T, k]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
+              "moe_experts: ids int64, weights float32");
+  const int64_t T = x.size(0), k = ids.size(1), E = w13.size(0), N = T * k;
+  at::Tensor idc = ids.contiguous();
+  const int64_t* I = idc.data_ptr<int64_t>();
+  std::vector<int64_t> counts(E, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t e = I[i] - first;
+    TORCH_CHECK(e >= 0 && e < E, "moe_experts: expert ", I[i], " is not one of [", first, ", ", first + E, ")");
+    ++counts[e];
+  }
+  std::vector<int64_t> next(E, 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
+  at::Tensor order = at::empty({N}, idc.options());
+  int64_t* O = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) O[next[I[i] - first]++] = i;  // stable: ascending (token, choice) per expert
+  at::Tensor xs = at::empty({N, x.size(1)}, x.options());
+  at::Tensor xc = x.contiguous();
+  const int64_t row = x.size(1) * x.element_size();
+  const char* src = static_cast<const char*>(xc.data_ptr());
+  char* dst = static_cast<char*>(xs.data_ptr());
+  for (int64_t i = 0; i < N; ++i) std::memcpy(dst + i * row, src + (O[i] / k) * row, row);
+  return combine(grouped_ffn(xs, w13, w2, counts, max_rows), order, weights);
+}
+
 // Which vector width this build runs: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar).
 int64_t vector_width() { return VL; }
 
@@ -459,6 +496,7 @@ bool has_pair_experts() {
 TORCH_LIBRARY(expertmesh, m) {
   m.def("grouped_ffn(Tensor xs, Tensor w13, Tensor w2, int[] counts, int max_rows) -> Tensor");
   m.def("combine(Tensor outs, Tensor order, Tensor weights) -> Tensor");
+  m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor w2, int first, int max_rows) -> Tensor");
   m.def("vector_width() -> int", &vector_width);
   m.def("has_pair_experts() -> bool", &has_pair_experts);
 }
@@ -466,4 +504,5 @@ TORCH_LIBRARY(expertmesh, m) {
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
   m.impl("grouped_ffn", &grouped_ffn);
   m.impl("combine", &combine);
+  m.impl("moe_experts", &moe_experts);
 }
