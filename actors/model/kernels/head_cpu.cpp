@@ -137,6 +137,27 @@ inline void vnni_tile(const int8_t* w, int64_t K4, const uint8_t* u, int64_t Kp,
     for (int j = 0; j < R; ++j) acc[b * VR + j] = a[b][j];
 }
 
+// One row against one block: the weight is a single sequential stream (the two-block tile reads two
+// streams 8 KB apart, ~25% slower from DRAM at one row), four accumulators over k.
+inline __m512i vnni_block_row(const int8_t* w, int64_t K4, const uint8_t* u) {
+  __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  int64_t k4 = 0;
+  for (; k4 + 4 <= K4; k4 += 4) {
+    prefetch(w + (k4 + 128) * 64, 256);  // 8 KB ahead
+    for (int q = 0; q < 4; ++q) {
+      int32_t quad;
+      std::memcpy(&quad, u + 4 * (k4 + q), sizeof(quad));
+      a[q] = _mm512_dpbusd_epi32(a[q], _mm512_set1_epi32(quad), _mm512_loadu_si512(w + (k4 + q) * 64));
+    }
+  }
+  for (; k4 < K4; ++k4) {
+    int32_t quad;
+    std::memcpy(&quad, u + 4 * k4, sizeof(quad));
+    a[0] = _mm512_dpbusd_epi32(a[0], _mm512_set1_epi32(quad), _mm512_loadu_si512(w + k4 * 64));
+  }
+  return _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+}
+
 template <int B>
 inline void vnni_rows(const int8_t* w, int64_t K4, const uint8_t* u, int64_t Kp, int64_t r, __m512i* acc) {
   switch (r) {
@@ -189,7 +210,9 @@ void screen_pass(const bf16* X, int64_t M, int64_t K, const int8_t* W8, int64_t 
       for (int64_t j0 = 0; j0 < M; j0 += VR) {
         const int64_t r = std::min<int64_t>(VR, M - j0);
         const uint8_t* uj = u.data() + j0 * Kp;
-        if (nb == VB)
+        if (M == 1)
+          for (int64_t b = 0; b < nb; ++b) acc[b * VR] = vnni_block_row(w + b * K4 * 64, K4, uj);
+        else if (nb == VB)
           vnni_rows<VB>(w, K4, uj, Kp, r, acc);
         else  // NB is even: the last group may hold two blocks
           vnni_rows<2>(w, K4, uj, Kp, r, acc);
