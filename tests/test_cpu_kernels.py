@@ -149,6 +149,50 @@ def test_packed_swiglu_is_the_dense_mlp(rows):
     assert (got.float() - want).abs().mean().item() <= 2 ** -10 * scale
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_mla_row_steps_in_one_call_are_bitwise_the_separate_kernels(interleave):
+    """mla_kv_write (kv_a_layernorm, the k_pe rotation, the cache write) and mla_query (q_a_layernorm,
+    q_b_proj, the query rotation, W_UK folded in) give the bits of the kernels they chain; rows
+    come as column slices of one projection's output, as attention.py hands them over."""
+    from expertmesh.actors.model.packed import PairPackedLinear
+
+    ops = cpu_kernels()
+    if not ops.has_packed_linear():
+        pytest.skip("no pair-packed linears in this build")
+    gen = torch.Generator().manual_seed(int(interleave))
+    t, heads, nope, rope, rank, q_lora = 5, 4, 16, 8, 32, 24
+
+    def bf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
+
+    a = bf(t, q_lora + rank + rope)
+    q_a, kv_a = a[:, :q_lora], a[:, q_lora:]
+    cos, sin = bf(t, rope // 2), bf(t, rope // 2)
+    kv_w, q_w = bf(rank, scale=0.5) + 1, bf(q_lora, scale=0.5) + 1
+    cache = torch.zeros(16, rank + rope, dtype=torch.bfloat16)
+    slots = torch.tensor([7, 3, 11, 1, 9])
+    ops.mla_kv_write(kv_a, kv_w, 1e-6, cos, sin, cache, slots, interleave)
+    latent = ops.rms_norm(kv_a[:, :rank], kv_w, 1e-6)
+    k_pe = ops.rope_rows(kv_a[:, rank:].unsqueeze(1), cos, sin, 0, interleave).squeeze(1)
+    assert torch.equal(cache[slots], torch.cat([latent, k_pe], dim=-1))
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[slots] = False
+    assert not cache[untouched].any()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.mla_kv_write(kv_a, kv_w, 1e-6, cos, sin, cache, slots + 10, interleave)
+
+    lin = torch.nn.Linear(q_lora, heads * (nope + rope), bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(bf(*lin.weight.shape, scale=0.3))
+    q_b = PairPackedLinear(lin, ops)
+    w_uk = bf(heads, nope, rank, scale=0.3)
+    q = ops.linear_packed(ops.rms_norm(q_a, q_w, 1e-6), q_b.packed, heads * (nope + rope)).view(t, heads, nope + rope)
+    q = ops.rope_rows(q, cos, sin, nope, interleave)
+    q_lat = ops.bmm_small(q[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)
+    got = ops.mla_query(q_a, q_w, 1e-6, q_b.packed, cos, sin, w_uk, interleave)
+    assert torch.equal(got, torch.cat([q_lat, q[..., nope:]], dim=-1))
+
+
 def test_fp32_engine_on_the_kernel_keeps_transformers_greedy_tokens(tiny_ckpt):
     """Batched prefill and decode through the kernel: the greedy tokens stay transformers'."""
     from _engine_runs import greedy_reqs, run
@@ -366,7 +410,7 @@ def test_bf16_steps_mixing_prefill_and_decode_rows_on_the_kernel_match_the_torch
 
     kern = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024))
     plain = ModelWorker(WorkerSpec(str(tiny_ckpt), dtype="bfloat16", kv_slots=1024, cpu_kernels=False))
-    from expertmesh.actors.model.packed import PairPackedLinear
+    from expertmesh.actors.model.packed import PackedSwiGLU, PairPackedLinear
 
     if _cpu_has_amx():
         assert all(layer.self_attn.kernel_prefill for layer in kern.model.layers)
@@ -376,6 +420,9 @@ def test_bf16_steps_mixing_prefill_and_decode_rows_on_the_kernel_match_the_torch
         attn = kern.model.layers[0].self_attn
         assert isinstance(attn.o_proj, PairPackedLinear) and type(attn.kv_b_proj) is torch.nn.Linear
         assert isinstance(kern.model.lm_head, PairPackedLinear)
+        # q_a and kv_a as one linear (mla_kv_write / mla_query around it), MLPs as one call
+        assert isinstance(attn.qkv_a, PairPackedLinear) and attn.q_a_proj is None
+        assert all(isinstance(m.shared_experts, PackedSwiGLU) for m in kern.model.moe_layers())
     prefix = torch.tensor([0] + [300 + 7 * i for i in range(99)])
     pslots = torch.arange(1, 101)
 

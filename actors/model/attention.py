@@ -42,7 +42,10 @@ class MLAttention(nn.Module):
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps=1e-6)
             self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk, bias=False)
         self.q_lora = config.q_lora_rank is not None
+        self.q_lora_rank = config.q_lora_rank or 0
         self.kv_a_proj_with_mqa = nn.Linear(h, config.kv_lora_rank + self.rope_dim, bias=False)
+        # q_a_proj and kv_a_proj_with_mqa as one pair-packed linear (fuse_projections), both read x
+        self.qkv_a: nn.Module | None = None
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=False)
@@ -69,6 +72,23 @@ class MLAttention(nn.Module):
             self.kernel_prefill = self.kernel.mla_attend_on_tiles(self.kv_lora_rank + self.rope_dim, self.kv_lora_rank)
         return self.kernel is not None
 
+    def fuse_projections(self, ops) -> int:
+        """With the CPU kernels' pair-packed linears: q_a_proj and kv_a_proj_with_mqa (which both
+        read x) become one PairPackedLinear, qkv_a (their rows stacked, no copy kept of either).
+        Before pair_pack_linears; 1 if fused, else 0 (no q_lora, not bf16 CPU linears)."""
+        from .packed import PairPackedLinear
+
+        lins = (getattr(self, "q_a_proj", None), self.kv_a_proj_with_mqa)
+        if not self.q_lora or not all(type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == torch.bfloat16
+                                      and lin.weight.device.type == "cpu" for lin in lins):
+            return 0
+        both = nn.Linear(lins[0].in_features, sum(lin.out_features for lin in lins), bias=False,
+                         dtype=torch.bfloat16, device="meta")
+        both.weight = nn.Parameter(torch.cat([lin.weight for lin in lins]), requires_grad=False)
+        self.qkv_a = PairPackedLinear(both, ops)
+        self.q_a_proj = self.kv_a_proj_with_mqa = None
+        return 1
+
     def _matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """torch.matmul; in bf16 on a CPU without bf16 matmul instructions (AVX2: oneDNN emulates
         them, 4-7x slower than its fp32 matmul) in fp32, rounded once to bf16 as a bf16 matmul's
@@ -77,23 +97,43 @@ class MLAttention(nn.Module):
             return torch.matmul(a.float(), b.float()).to(a.dtype)
         return torch.matmul(a, b)
 
-    def _on_kernel(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> bool:
-        if self.kernel is None or q.device.type != "cpu" or q.dtype != kv.joint.dtype:
+    def _on_kernel(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> bool:
+        if self.kernel is None or x.device.type != "cpu" or x.dtype != kv.joint.dtype:
             return False
-        pure_decode = bool(batch.decode_seqs) and len(batch.decode_seqs) == q.shape[0]
-        return pure_decode or (self.kernel_prefill and q.dtype == torch.bfloat16)
+        pure_decode = bool(batch.decode_seqs) and len(batch.decode_seqs) == x.shape[0]
+        return pure_decode or (self.kernel_prefill and x.dtype == torch.bfloat16)
+
+    def _fused_rows(self, x: torch.Tensor, cos: torch.Tensor) -> bool:
+        """Whether the row steps around the projections run as mla_kv_write / mla_query (bf16, fused
+        projections, the kernels built)."""
+        return self.qkv_a is not None and self.kernel is not None and x.dtype == cos.dtype == torch.bfloat16
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        if self._fused_rows(x, cos):
+            a = self.qkv_a(x)
+            q_a, kv_a = a[:, : self.q_lora_rank], a[:, self.q_lora_rank :]
+            # latent normed and k_pe rotated straight into the cache
+            self.kernel.mla_kv_write(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin,
+                                     kv.joint[self.layer], batch.out_slots, rope.interleave)
+            on_kernel = self._on_kernel(x, batch, kv)
+            if on_kernel and t * self.num_heads * self.nope * self.kv_lora_rank <= BMM_KERNEL_MAX_MACS:
+                q_cat = self.kernel.mla_query(q_a, self.q_a_layernorm.weight, self.q_a_layernorm.eps,
+                                              self.q_b_proj.packed, cos, sin, self._absorbed()[0], rope.interleave)
+                out = self._attend_latent(q_cat, batch, kv, absorbed=True)
+                return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+            latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            latent = self.kv_a_layernorm(latent)
+            k_rot = rope.rotate_tail(k_rot.unsqueeze(1), 0, cos, sin).squeeze(1)
+            kv.write(self.layer, batch.out_slots, latent, k_rot)
+            on_kernel = self._on_kernel(x, batch, kv)
         q = rope.rotate_tail(q.view(t, self.num_heads, self.nope + self.rope_dim), self.nope, cos, sin)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        k_rot = rope.rotate_tail(k_rot.unsqueeze(1), 0, cos, sin).squeeze(1)
-        kv.write(self.layer, batch.out_slots, latent, k_rot)
 
-        if self._on_kernel(q, batch, kv):
+        if on_kernel:
             return self.o_proj(self._attend_latent(q, batch, kv).reshape(t, self.num_heads * self.v_dim))
         if batch.decode_seqs and len(batch.decode_seqs) == t:  # pure decode: one row per sequence, in order
             return self.o_proj(self._decode(q, batch, kv).reshape(t, self.num_heads * self.v_dim))
@@ -170,10 +210,12 @@ class MLAttention(nn.Module):
         q_lat = self._bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [rows, heads, rank]
         return torch.cat([q_lat, q_rot], dim=-1)
 
-    def _attend_latent(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> torch.Tensor:
-        """Every row of the step in one CPU kernel call (batch.attend_plan), absorbed."""
+    def _attend_latent(self, q: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, absorbed: bool = False) -> torch.Tensor:
+        """Every row of the step in one CPU kernel call (batch.attend_plan), absorbed; `absorbed`: q is
+        already [rows, heads, rank | rope] (mla_query), else [rows, heads, nope | rope]."""
         plan = batch.attend_plan()
-        out_lat = self.kernel.mla_attend(self._query_latent(q), kv.joint[self.layer], plan.shared, plan.slots,
+        q_cat = q if absorbed else self._query_latent(q)
+        out_lat = self.kernel.mla_attend(q_cat, kv.joint[self.layer], plan.shared, plan.slots,
                                          plan.seq, plan.lens, self.scale, self.kv_lora_rank)
         return self._bmm(out_lat.transpose(0, 1), self._absorbed()[1]).transpose(0, 1)  # [rows, heads, v]
 

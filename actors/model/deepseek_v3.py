@@ -122,6 +122,7 @@ class DeepseekV3Model(nn.Module):
                 # dense: absorbed attention reads it; a tied embedding keeps its table)
                 keep = ("kv_b_proj",) + (("lm_head",) if self.config.tie_word_embeddings else ())
                 n += pack_swiglus(self, self.head_kernel)  # dense MLPs and shared experts: one call each
+                n += sum(layer.self_attn.fuse_projections(self.head_kernel) for layer in self.layers)
                 n += pair_pack_linears(self, self.head_kernel, keep_dense=keep)
         return n
 

@@ -5,7 +5,8 @@ cache's slots, decode rows and, on AMX, prefill rows), `linear_small` and `linea
 (linear_cpu.cpp: every bf16 linear where the CPU has AVX512-BF16, AMX or only AVX2), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `head_screen_argmax`
 (head_cpu.cpp: greedy rows' argmax from the lm_head's int8 screen, on int8 dot products where the
 CPU has AVX512-VNNI), `moe_gate`
-(route_cpu.cpp: the noaux_tc router: matmul, sigmoid, selection), `rope_rows` (rope_cpu.cpp: MLA's rotary embedding). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
+(route_cpu.cpp: the noaux_tc router: matmul, sigmoid, selection), `rope_rows` (rope_cpu.cpp: MLA's rotary embedding), `mla_kv_write` and `mla_query`
+(mla_rows_cpu.cpp: MLA's row steps around its projections, one call each). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
 prefill-sized work runs on its tile unit (amx.h); EXPERTMESH_AMX=0 keeps the AVX-512 paths.
 
 Written by hand because no library serves this torch: IPEX's fused MoE and attention pin torch
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "moe_cpu.cpp", HERE / "mla_cpu.cpp", HERE / "linear_cpu.cpp", HERE / "norm_cpu.cpp",
            HERE / "argmax_cpu.cpp", HERE / "route_cpu.cpp", HERE / "head_cpu.cpp",
-           HERE / "rope_cpu.cpp")
+           HERE / "rope_cpu.cpp", HERE / "mla_rows_cpu.cpp")
 
 
 def _cpu_flags() -> str:

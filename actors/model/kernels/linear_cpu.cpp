@@ -16,6 +16,7 @@
 #include "amx.h"
 #include "cpu_vec.h"
 #include "pair_gemm.h"
+#include "rows.h"
 
 // linear_packed exists where the CPU multiplies bf16 pairs (AVX512-BF16) or where oneDNN cannot
 // pack bf16 and the pairs are widened by hand (AVX2 + FMA without AVX-512)
@@ -355,18 +356,7 @@ at::Tensor bmm_small(const at::Tensor& x, const at::Tensor& w) {
     std::vector<float> acc(N);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / M, m = t % M;
-      const bf16* xr = X + h * sh + m * sm;
-      const bf16* wh = W + h * K * N;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t k = 0; k < K; ++k) {
-        const vec xv = vset1(widen(xr[k * sk]));
-        const bf16* wr = wh + k * N;
-        int64_t n = 0;
-        for (; n + VL <= N; n += VL) vstore(acc.data() + n, vfma(xv, vload(wr + n), vload(acc.data() + n)));
-        for (; n < N; ++n) acc[n] += widen(xr[k * sk]) * widen(wr[n]);
-      }
-      bf16* o = O + t * N;
-      for (int64_t n = 0; n < N; ++n) o[n] = static_cast<bf16>(acc[n]);
+      bmm_row(X + h * sh + m * sm, sk, W + h * K * N, K, N, acc.data(), O + t * N);
     }
   });
   return out;

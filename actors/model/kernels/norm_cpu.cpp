@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "cpu_vec.h"
+#include "rows.h"
 
 namespace {
 
@@ -31,20 +32,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   bf16* O = out.data_ptr<bf16>();
   const float e = static_cast<float>(eps);
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const bf16* row = X + t * ld;
-      vec acc = vzero();
-      int64_t d = 0;
-      for (; d + VL <= D; d += VL) {
-        const vec v = vload(row + d);
-        acc = vfma(v, v, acc);
-      }
-      float sq = vsum(acc);
-      for (; d < D; ++d) sq += widen(row[d]) * widen(row[d]);
-      const float r = 1.f / std::sqrt(sq / static_cast<float>(D) + e);
-      bf16* o = O + t * D;
-      for (d = 0; d < D; ++d) o[d] = static_cast<bf16>(widen(W[d]) * round_as<bf16>(widen(row[d]) * r));
-    }
+    for (int64_t t = begin; t < end; ++t) rms_norm_row(X + t * ld, W, D, e, O + t * D);
   });
   return out;
 }

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cpu_vec.h"
+#include "rows.h"
 
 namespace {
 
@@ -37,15 +38,7 @@ void rope_impl(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
       T* o = O + r * D;
       for (int64_t d = 0; d < offset; ++d) o[d] = xr[d];
       const T* xp = xr + offset;
-      const T* c = C + t * half;
-      const T* s = S + t * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float x1 = static_cast<float>(interleave ? xp[2 * i] : xp[i]);
-        const float x2 = static_cast<float>(interleave ? xp[2 * i + 1] : xp[half + i]);
-        const float ci = static_cast<float>(c[i]), si = static_cast<float>(s[i]);
-        o[offset + i] = static_cast<T>(round_as<T>(x1 * ci) - round_as<T>(x2 * si));
-        o[offset + half + i] = static_cast<T>(round_as<T>(x2 * ci) + round_as<T>(x1 * si));
-      }
+      rope_row(xp, C + t * half, S + t * half, half, interleave, o + offset);
     }
   });
 }
