@@ -18,7 +18,7 @@
 
 #include <c10/util/BFloat16.h>
 
-#include "cpu_vec.h"  // vexp for the epilogues
+#include "cpu_vec.h"  // vexp, vround_bf16 for the epilogues
 
 #include <cstdint>
 #include <cstdlib>
@@ -118,13 +118,6 @@ inline void amx_pairs_32(const c10::BFloat16* A, int64_t lda, int64_t rows, cons
     float* const c[4] = {C + m0 * 32, C + m0 * 32 + 16, C + (m0 + 16) * 32, C + (m0 + 16) * 32 + 16};
     tiles_store4(c, 128, two);
   }
-}
-
-// ---- AVX-512 helpers for the tile kernels' epilogues (every AMX CPU has AVX512-BF16) ----------
-// x rounded to bf16 (round to nearest even, as torch rounds) and widened back
-inline __m512 round_bf16(__m512 x) {
-  const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 }  // namespace expertmesh_cpu

@@ -34,23 +34,12 @@ inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 inline vec vset1(float v) { return _mm512_set1_ps(v); }
 inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 #define EXPERTMESH_VEC_EXP 1
-// e^x, within 2 ulp of expf over [-87, 88] (Cody-Waite ln 2 split, degree-6 polynomial, scalef):
-// a softmax's x - max, the AMX epilogues' silu
-inline vec vexp(vec x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+// vexp's per-ISA steps (the polynomial itself is written once, below)
+constexpr float kExpHi = 88.7f;  // scalef keeps e^x finite up to FLT_MAX
+inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+inline vec vfnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+inline vec vround_nearest(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vldexp(vec p, vec n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
 // fp32 -> nearest-even bf16 -> fp32, as c10::BFloat16's conversion rounds (subnormals kept, NaN
 // stays NaN; vcvtneps2bf16 would flush subnormals)
 inline vec vround_bf16(vec x) {
@@ -87,21 +76,12 @@ inline float vsum(vec a) {
 inline vec vset1(float v) { return _mm256_set1_ps(v); }
 inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
 #define EXPERTMESH_VEC_EXP 1
-// e^x for x <= 88 (a softmax's x - max), within 2 ulp of expf: Cody-Waite ln 2 split, degree-6
-// polynomial, 2^n built in the exponent bits; below -87 it flushes to 2^-126-ish, not 0
-inline vec vexp(vec x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+// vexp's per-ISA steps (the polynomial itself is written once, below)
+constexpr float kExpHi = 88.3f;  // 2^n is built in the exponent bits: n stays below 128
+inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+inline vec vfnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vec vround_nearest(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vldexp(vec p, vec n) {  // p * 2^n, n integral
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -135,6 +115,25 @@ inline float vsum(vec a) { return a.v; }
 inline vec vset1(float v) { return {v}; }
 inline void vstore(float* p, vec a) { *p = a.v; }
 #endif
+#if defined(EXPERTMESH_VEC_EXP)
+// e^x within 2 ulp of expf over [-87, kExpHi] (a softmax's x - max, silu's -x): Cody-Waite ln 2
+// split, degree-6 polynomial, 2^n applied by the ISA's vldexp; below -87 it flushes to ~2^-126
+inline vec vexp(vec x) {
+  x = vmin(vmax(x, vset1(-87.3f)), vset1(kExpHi));
+  const vec n = vround_nearest(vmul(x, vset1(1.44269504088896341f)));
+  vec r = vfnmadd(n, vset1(0.693359375f), x);
+  r = vfnmadd(n, vset1(-2.12194440e-4f), r);
+  vec p = vset1(1.9875691500e-4f);
+  p = vfma(p, r, vset1(1.3981999507e-3f));
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset1(1.f)));
+  return vldexp(p, n);
+}
+#endif
+
 constexpr int TOKENS = 4;  // tokens per tile: 2 x 4 accumulators
 
 inline float widen(float v) { return v; }

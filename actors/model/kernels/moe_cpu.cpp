@@ -59,6 +59,28 @@ void pack_tokens(const bf16* X, int64_t m, int64_t K, bf16* P) {
     }
 }
 
+#if defined(__AVX512BF16__)
+// silu(gate) * up for 16 tokens of intermediate rows i and i + 1 (g0/u0 and g1/u1: 16 fp32 each),
+// rounded as the reference's bf16 ops round them (gate and up, silu, the product), tokens past
+// `live` zero: the 16 (i, i + 1) pairs of the pair layout phase 2 multiplies, stored at dst
+inline void act_pairs(const float* g0, const float* u0, const float* g1, const float* u1, __mmask16 live, bf16* dst) {
+  // (a[0], b[0]), (a[1], b[1]), ... from a in the low half, b in the high half
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                              21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const float* g[2] = {g0, g1};
+  const float* u[2] = {u0, u1};
+  __m512 act[2];
+  for (int r = 0; r < 2; ++r) {
+    const __m512 gv = vround_bf16(_mm512_loadu_ps(g[r]));
+    const __m512 uv = vround_bf16(_mm512_loadu_ps(u[r]));
+    const __m512 sg = vround_bf16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), vexp(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+    act[r] = _mm512_maskz_mov_ps(live, _mm512_mul_ps(sg, uv));
+  }
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(act[1], act[0]);  // act[0] low, act[1] high
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, both));
+}
+#endif
+
 #if defined(EXPERTMESH_AMX)
 // ---- bf16 on the AMX tile unit ------------------------------------------------------------------
 // The weights stay dense, [rows, K] row-major: 16 weight rows x 32 k of them are exactly a tile's
@@ -121,14 +143,6 @@ void grouped_ffn_amx(const bf16* X, const bf16* W13, const bf16* W2, int64_t H, 
       }
     }
   });
-  // interleaves two 16-float rows into 16 bf16 pairs: (a[0], b[0]), (a[1], b[1]), ...
-  alignas(64) int16_t pairs[32];
-  for (int t = 0; t < 16; ++t) {
-    pairs[2 * t] = static_cast<int16_t>(t);
-    pairs[2 * t + 1] = static_cast<int16_t>(16 + t);
-  }
-  const __m512i interleave = _mm512_load_si512(pairs);
-  const __m512 one = _mm512_set1_ps(1.f);
   // phase 1: one task per (expert, 16 intermediate rows): act = silu(gate) * up, in phase 2's B layout
   const int64_t nb1 = I / 16;
   at::parallel_for(0, A * nb1, 1, [&](int64_t begin, int64_t end) {
@@ -150,17 +164,9 @@ void grouped_ffn_amx(const bf16* X, const bf16* W13, const bf16* W2, int64_t H, 
           const int64_t blk = tb + half, valid = std::min<int64_t>(TB, m - blk * TB);
           const __mmask16 live = static_cast<__mmask16>((1u << valid) - 1u);
           bf16* dst = ap + (pstart[i] + blk) * I2 * 2 * TB + (n0 / 2) * 2 * TB;
-          for (int n = 0; n < 16; n += 2) {
-            __m512 act[2];
-            for (int r = 0; r < 2; ++r) {
-              const __m512 g = round_bf16(_mm512_load_ps(C[2 * half] + (n + r) * 16));
-              const __m512 u = round_bf16(_mm512_load_ps(C[2 * half + 1] + (n + r) * 16));
-              const __m512 sg = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-              act[r] = _mm512_maskz_mov_ps(live, _mm512_mul_ps(sg, u));
-            }
-            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(act[1], act[0]);  // act[0] low, act[1] high
-            _mm512_storeu_si512(dst + (n / 2) * 2 * TB, _mm512_permutexvar_epi16(interleave, both));
-          }
+          for (int n = 0; n < 16; n += 2)
+            act_pairs(C[2 * half] + n * 16, C[2 * half + 1] + n * 16, C[2 * half] + (n + 1) * 16,
+                      C[2 * half + 1] + (n + 1) * 16, live, dst + (n / 2) * 2 * TB);
         }
       }
     }
@@ -219,27 +225,13 @@ void expert_ffn_pairs(const bf16* X, int64_t m, const bf16* W13, const bf16* W2,
   pack_tokens(X, m, H, xp.data());
   std::fill(xp.data() + (m + TB - 1) / TB * H * TB, xp.data() + nb * H * TB, bf16(0.f));
   pair_gemm_serial(W13, H, 2 * I, H / 2, xp.data(), nb, c1.data(), cols);  // [2I, cols]
-  alignas(64) int16_t pairs[32];
-  for (int t = 0; t < 16; ++t) {
-    pairs[2 * t] = static_cast<int16_t>(t);
-    pairs[2 * t + 1] = static_cast<int16_t>(16 + t);
-  }
-  const __m512i interleave = _mm512_load_si512(pairs);
-  const __m512 one = _mm512_set1_ps(1.f);
   const int64_t I2 = I / 2;
   for (int64_t tb = 0; tb < nb; ++tb) {
     const int64_t valid = std::clamp<int64_t>(m - tb * TB, 0, TB);
     const __mmask16 live = static_cast<__mmask16>(valid == TB ? 0xFFFFu : (1u << valid) - 1u);
     for (int64_t i = 0; i < I; i += 2) {
-      __m512 act[2];
-      for (int r = 0; r < 2; ++r) {
-        const __m512 g = vround_bf16(_mm512_loadu_ps(c1.data() + (i + r) * cols + tb * TB));
-        const __m512 u = vround_bf16(_mm512_loadu_ps(c1.data() + (I + i + r) * cols + tb * TB));
-        const __m512 sg = vround_bf16(_mm512_div_ps(g, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-        act[r] = _mm512_maskz_mov_ps(live, _mm512_mul_ps(sg, u));
-      }
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(act[1], act[0]);  // act[0] low, act[1] high
-      _mm512_storeu_si512(ap.data() + (tb * I2 + i / 2) * 2 * TB, _mm512_permutexvar_epi16(interleave, both));
+      const float* g = c1.data() + i * cols + tb * TB;  // rows i and i + 1 of gate, then of up
+      act_pairs(g, g + I * cols, g + cols, g + (I + 1) * cols, live, ap.data() + (tb * I2 + i / 2) * 2 * TB);
     }
   }
   pair_gemm_serial(W2, I, H, I2, ap.data(), nb, c2.data(), cols);  // [H, cols]
