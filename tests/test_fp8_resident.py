@@ -33,9 +33,8 @@ def _worker(ckpt, dtype: str, keep: bool, **kw) -> ModelWorker:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resident_fp8_computes_what_dequantize_at_load_computes(tiny_fp8_ckpt, dtype):
-    """Partial edge blocks (hidden 192, moe_intermediate 160), prefill and batched decode. The CPU
-    kernels are off on both sides: FP8-resident experts keep the per-expert loop, which the dense
-    experts' kernel equals only up to the order of its additions."""
+    """Partial edge blocks (hidden 192, moe_intermediate 160), prefill and batched decode, with the
+    CPU kernels off on both sides: the torch path's per-expert loop (FP8) against its dense form."""
     kept = _worker(tiny_fp8_ckpt, dtype, True, cpu_kernels=False)
     loaded = _worker(tiny_fp8_ckpt, dtype, False, cpu_kernels=False)
     assert any(isinstance(m, Fp8Linear) for m in kept.model.modules())
@@ -43,6 +42,58 @@ def test_resident_fp8_computes_what_dequantize_at_load_computes(tiny_fp8_ckpt, d
     assert not any(isinstance(m, Fp8Linear) for m in loaded.model.modules())
     for a, b in zip(prefill_then_decode(kept, SHORT), prefill_then_decode(loaded, SHORT)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resident_fp8_on_the_cpu_kernels_computes_what_dequantize_at_load_computes(tiny_fp8_ckpt, dtype):
+    """With the CPU kernels on both sides: FP8-resident experts through grouped_ffn_fp8, which
+    dequantizes each block of weight rows just before the dense kernel's dot products, give the
+    dense experts' bits."""
+    from expertmesh.actors.model.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("no CPU kernels here")
+    kept = _worker(tiny_fp8_ckpt, dtype, True)
+    loaded = _worker(tiny_fp8_ckpt, dtype, False)
+    assert all(m.experts.w13.dtype == torch.float8_e4m3fn and m.experts.kernel is not None
+               for m in kept.model.moe_layers())
+    for a, b in zip(prefill_then_decode(kept, SHORT), prefill_then_decode(loaded, SHORT)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_ffn_fp8_is_bitwise_the_dequantized_experts(dtype):
+    """The kernel alone, on partial edge blocks (hidden 192, intermediate 160, 128 x 128 blocks),
+    empty experts, small ones on the row kernel and big ones (past max_rows) on the dense big path."""
+    from expertmesh.actors.model.kernels import cpu_kernels
+
+    ops = cpu_kernels()
+    if ops is None:
+        pytest.skip("no CPU kernels here")
+    gen = torch.Generator().manual_seed(5)
+    count, hidden, inter = 5, 192, 160
+    w = ExpertWeights(0, count, hidden, inter)
+    with torch.no_grad():
+        w.w13.copy_(torch.randn(w.w13.shape, generator=gen) * 0.05)
+        w.w2.copy_(torch.randn(w.w2.shape, generator=gen) * 0.05)
+    dense = [(w.w13[e].clone(), w.w2[e].clone()) for e in range(count)]
+    w.to_fp8((128, 128), dtype)
+    with torch.no_grad():
+        for e, (a, b) in enumerate(dense):
+            for rows, scale in ((slice(0, inter), w.w1_scale_inv), (slice(inter, 2 * inter), w.w3_scale_inv)):
+                q, s = quantize_fp8(a[rows])
+                w.w13[e, rows] = q
+                scale[e] = s
+            q, s = quantize_fp8(b)
+            w.w2[e], w.w2_scale_inv[e] = q, s
+    w13 = torch.stack([w.dequantized(e)[0] for e in range(count)])
+    w2 = torch.stack([w.dequantized(e)[1] for e in range(count)])
+    counts = [3, 0, 40, 1, 7]
+    xs = torch.randn(sum(counts), hidden, generator=gen).to(dtype)
+    got = ops.grouped_ffn_fp8(xs, w.w13, w.w2, w.w1_scale_inv, w.w3_scale_inv, w.w2_scale_inv, 128, 128, counts, 16)
+    assert torch.equal(got, ops.grouped_ffn(xs, w13, w2, counts, 16))
+    with pytest.raises(RuntimeError, match="one scale per block"):
+        ops.grouped_ffn_fp8(xs, w.w13, w.w2, w.w1_scale_inv[:-1], w.w3_scale_inv, w.w2_scale_inv, 128, 128, counts, 16)
 
 
 def test_slabbed_matmul_equals_one_slab(tiny_fp8_ckpt, monkeypatch):

@@ -92,7 +92,7 @@ class DeepseekV3Model(nn.Module):
     def use_cpu_kernels(self, greedy_head_screen: bool = True) -> int:
         """Routed experts and decode attention through the CPU kernels (model/kernels), before
         `prepack` (the expert kernel reads the dense stacks). Returns how many modules use them
-        (0 on CUDA or with no compiler; FP8-resident experts keep their own path).
+        (0 on CUDA or with no compiler; FP8-resident experts take the kernel's FP8 form).
         `greedy_head_screen`: beside a packed bf16 head, its int8 screen for greedy rows
         (model/greedy_head.py)."""
         n = sum(moe.experts.use_kernel() for moe in self.moe_layers())

@@ -87,19 +87,23 @@ class ExpertWeights(nn.Module):
         return self.count * 3 * self.hidden * self.intermediate
 
     def use_kernel(self) -> bool:
-        """Routes the dense CPU experts through the hand-written MoE kernel (kernels/moe_cpu.cpp,
-        built on first use): 3-5x the grouped GEMMs' speed at decode batches. Call before
-        `prepack` (the kernel reads the dense stacks, which packing frees). False where it does
-        not apply (CUDA, FP8 kept resident, packed weights, or no compiler here)."""
-        if self.w13.device.type != "cpu" or self.fp8_block is not None or self.packed is not None:
+        """Routes the CPU experts through the hand-written MoE kernel (kernels/moe_cpu.cpp, built on
+        first use): 3-5x the grouped GEMMs' speed at decode batches; FP8-resident (e4m3) experts
+        through its FP8 form, which dequantizes each block of weight rows just before use (1 byte
+        a weight streamed, the dense kernel's outputs bitwise). Call before `prepack` (the kernel
+        reads the dense stacks, which packing frees). False where it does not apply (CUDA, packed
+        weights, other dtypes, or no compiler here)."""
+        if self.w13.device.type != "cpu" or self.packed is not None:
             return False
-        if self.w13.dtype not in (torch.float32, torch.bfloat16):
+        fp8 = self.fp8_block is not None
+        dtype = self.compute_dtype if fp8 else self.w13.dtype  # what the rows are multiplied in
+        if (fp8 and self.w13.dtype != torch.float8_e4m3fn) or dtype not in (torch.float32, torch.bfloat16):
             return False
         from .kernels import cpu_kernels
 
         self.kernel = cpu_kernels()
         if self.kernel is not None:  # asked once: the CPU cannot change
-            self.kernel_max_rows = kernel_max_rows(self.kernel, self.w13.dtype)
+            self.kernel_max_rows = kernel_max_rows(self.kernel, dtype)
         return self.kernel is not None
 
     def prepack(self) -> bool:
@@ -188,6 +192,7 @@ class ExpertWeights(nn.Module):
 
     @staticmethod
     def _assemble_fp8(old: "ExpertWeights", new: "ExpertWeights", parts: list[int | torch.Tensor]) -> "ExpertWeights":
+        new.kernel, new.kernel_max_rows = old.kernel, old.kernel_max_rows
         with torch.no_grad():
             new.to_fp8(old.fp8_block, old.compute_dtype)
             targets = [new.w13, new.w2, *new._fp8_scales()]
@@ -225,6 +230,10 @@ class ExpertWeights(nn.Module):
         per-expert loop's outputs in fp32 and bf16, 0.8-0.9x its time at 32-512 tokens (AVX2
         EPYC, 2 threads, `small`'s 64 experts). oneDNN-packed and FP8-resident weights keep the
         loop: packing has no grouped form and FP8 dequantizes one expert at a time."""
+        if self.kernel is not None and self.fp8_block is not None and xs.dtype == self.compute_dtype:
+            return self.kernel.grouped_ffn_fp8(xs, self.w13, self.w2, self.w1_scale_inv, self.w3_scale_inv,
+                                               self.w2_scale_inv, self.fp8_block[0], self.fp8_block[1], counts,
+                                               self.kernel_max_rows)
         if self.kernel is not None and xs.dtype == self.w13.dtype:
             return self.kernel.grouped_ffn(xs, self.w13, self.w2, counts, self.kernel_max_rows)
         if self.packed is None and self.fp8_block is None and _grouped_mm_runs(xs, self.w13):

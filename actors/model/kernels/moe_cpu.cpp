@@ -17,6 +17,8 @@
 // at any row count (max_rows does not apply there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -380,6 +382,188 @@ at::Tensor grouped_ffn(const at::Tensor& xs, const at::Tensor& w13, const at::Te
   return grouped_ffn_impl<bf16>(x, a, b, cs, max_rows);
 }
 
+// ---- FP8-resident experts: e4m3 weights with fp32 block scales, dequantized row block by row block
+// Each weight row is dequantized to the compute dtype T right before its dot products (into a
+// per-thread block of 32 rows that stays in L1/L2), with the values the dequantize-at-load path
+// holds: T(e4m3 * scale), the fp32 product rounded once. The dot products then run the dense
+// kernel's code on them, so the outputs are bitwise the dense experts'; the weights stream at 1 byte
+// each instead of 2 (bf16) or 4. Experts past max_rows are dequantized whole and take the dense
+// big-expert path (tiles, pair GEMMs or at::linear), also bitwise.
+//
+//   expertmesh::grouped_ffn_fp8(xs [N, H], w13 [E, 2I, H] e4m3, w2 [E, H, I] e4m3, s1, s3 [E, I/br,
+//                               H/bc], s2 [E, H/br, I/bc] fp32 (cropped edge blocks rounded up),
+//                               block_rows, block_cols, counts [E], max_rows) -> [N, H] (xs' dtype)
+
+// dst[0 : K] = T(e4m3(src[k]) * scale[k / bc]) for one weight row (scale: its block-row's scales).
+// The e4m3 sign, exponent and mantissa bits placed in a bf16's (sign << 15 | bits << 4) are exactly
+// the value times 2^-120 (subnormals included; no checkpoint holds e4m3's NaN), so value = that
+// times 2^120, exact, and one rounded multiply by the scale.
+template <typename T>
+inline void dequant_row(const uint8_t* src, int64_t K, const float* scale, int64_t bc, T* dst) {
+  int64_t k = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  const vec two120 = vset1(0x1p120f);
+  for (; k + VL <= K; k += VL) {
+    if (k / bc != (k + VL - 1) / bc) break;  // a chunk across a block edge: the scalar loop below
+#if defined(__AVX512F__)
+    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
+    const __m512i bits = _mm512_slli_epi32(_mm512_and_si512(_mm512_slli_epi32(v, 4), _mm512_set1_epi32(0x87f0)), 16);
+    const vec w = vmul(vmul(_mm512_castsi512_ps(bits), two120), vset1(scale[k / bc]));
+#else
+    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_and_si256(_mm256_slli_epi32(v, 4), _mm256_set1_epi32(0x87f0)), 16);
+    const vec w = vmul(vmul(_mm256_castsi256_ps(bits), two120), vset1(scale[k / bc]));
+#endif
+    if constexpr (std::is_same_v<T, float>) {
+      vstore(dst + k, w);
+    } else {
+      alignas(64) float buf[VL];
+      vstore(buf, w);
+      for (int j = 0; j < VL; ++j) dst[k + j] = static_cast<T>(buf[j]);
+    }
+  }
+#endif
+  for (; k < K; ++k) {
+    const float v = static_cast<float>(c10::bit_cast<c10::Float8_e4m3fn>(src[k]));
+    dst[k] = static_cast<T>(v * scale[k / bc]);
+  }
+}
+
+template <typename T>
+at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const uint8_t* W2, const float* S1,
+                                const float* S3, const float* S2, int64_t E, int64_t I, int64_t br, int64_t bc,
+                                const std::vector<int64_t>& counts, int64_t max_rows) {
+  const int64_t N = xs.size(0), H = xs.size(1);
+  const int64_t gr1 = (I + br - 1) / br, gc1 = (H + bc - 1) / bc, gr2 = (H + br - 1) / br, gc2 = (I + bc - 1) / bc;
+  at::Tensor out = at::empty_like(xs);
+  if (N == 0) return out;
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
+  // weight row r of expert e's w13 (gate rows, then up rows with their own grid) into dst
+  const auto w13_row = [&](int64_t e, int64_t r, T* dst) {
+    const bool up = r >= I;
+    const int64_t rr = up ? r - I : r;
+    const float* grid = (up ? S3 : S1) + (e * gr1 + rr / br) * gc1;
+    dequant_row(W13 + (e * 2 * I + r) * H, H, grid, bc, dst);
+  };
+  const auto w2_row = [&](int64_t e, int64_t h, T* dst) {
+    dequant_row(W2 + (e * H + h) * I, I, S2 + (e * gr2 + h / br) * gc2, bc, dst);
+  };
+  std::vector<int64_t> small, big;
+  int64_t widest = 0, big_rows = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (counts[e] == 0) continue;
+    if (counts[e] <= max_rows) {
+      small.push_back(e);
+      widest = std::max(widest, counts[e]);
+    } else {
+      big.push_back(e);
+      big_rows += counts[e];
+    }
+  }
+  if (!big.empty()) {  // dequantized whole, through the dense experts' big path
+    const int64_t B = static_cast<int64_t>(big.size());
+    at::Tensor d13 = at::empty({B, 2 * I, H}, xs.options()), d2 = at::empty({B, H, I}, xs.options());
+    at::Tensor bx = at::empty({big_rows, H}, xs.options());
+    std::vector<int64_t> bcounts(B);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t r = 0; r < 2 * I; ++r) w13_row(big[i], r, d13.data_ptr<T>() + (i * 2 * I + r) * H);
+        for (int64_t h = 0; h < H; ++h) w2_row(big[i], h, d2.data_ptr<T>() + (i * H + h) * I);
+      }
+    });
+    int64_t at_row = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      bcounts[i] = counts[big[i]];
+      bx.narrow(0, at_row, bcounts[i]).copy_(xs.narrow(0, start[big[i]], bcounts[i]));
+      at_row += bcounts[i];
+    }
+    at::Tensor by = grouped_ffn_impl<T>(bx, d13, d2, bcounts, max_rows);
+    at_row = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      out.narrow(0, start[big[i]], bcounts[i]).copy_(by.narrow(0, at_row, bcounts[i]));
+      at_row += bcounts[i];
+    }
+  }
+  if (small.empty()) return out;
+  const T* X = xs.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  at::Tensor act = at::empty({N, I}, xs.options());
+  T* A = act.data_ptr<T>();
+  const int64_t nb1 = (I + ROW_BLOCK - 1) / ROW_BLOCK, nb2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+  const int64_t S = static_cast<int64_t>(small.size());
+  // phase 1 and 2 as grouped_ffn_impl's, each block of weight rows dequantized just before use
+  at::parallel_for(0, S * nb1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> gate(widest * ROW_BLOCK), upv(widest * ROW_BLOCK);
+    std::vector<T> wg(ROW_BLOCK * H), wu(ROW_BLOCK * H);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t e = small[t / nb1], n0 = (t % nb1) * ROW_BLOCK, nr = std::min(ROW_BLOCK, I - n0);
+      const int64_t s = start[e], m = counts[e];
+      for (int64_t n = 0; n < nr; ++n) {
+        w13_row(e, n0 + n, wg.data() + n * H);
+        w13_row(e, I + n0 + n, wu.data() + n * H);
+      }
+      matmul_small(wg.data(), H, nr, X + s * H, H, m, gate.data(), ROW_BLOCK);
+      matmul_small(wu.data(), H, nr, X + s * H, H, m, upv.data(), ROW_BLOCK);
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t n = 0; n < nr; ++n) {
+          const float g = round_as<T>(gate[j * ROW_BLOCK + n]), u = round_as<T>(upv[j * ROW_BLOCK + n]);
+          A[(s + j) * I + n0 + n] = static_cast<T>(round_as<T>(silu(g)) * u);
+        }
+    }
+  });
+  at::parallel_for(0, S * nb2, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(widest * ROW_BLOCK);
+    std::vector<T> wd(ROW_BLOCK * I);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t e = small[t / nb2], h0 = (t % nb2) * ROW_BLOCK, hr = std::min(ROW_BLOCK, H - h0);
+      const int64_t s = start[e], m = counts[e];
+      for (int64_t h = 0; h < hr; ++h) w2_row(e, h0 + h, wd.data() + h * I);
+      matmul_small(wd.data(), I, hr, A + s * I, I, m, acc.data(), ROW_BLOCK);
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t h = 0; h < hr; ++h) O[(s + j) * H + h0 + h] = static_cast<T>(acc[j * ROW_BLOCK + h]);
+    }
+  });
+  return out;
+}
+
+at::Tensor grouped_ffn_fp8(const at::Tensor& xs, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& s1,
+                           const at::Tensor& s3, const at::Tensor& s2, int64_t block_rows, int64_t block_cols,
+                           at::IntArrayRef counts, int64_t max_rows) {
+  TORCH_CHECK(xs.device().is_cpu() && w13.device().is_cpu() && w2.device().is_cpu(), "grouped_ffn_fp8: CPU tensors");
+  TORCH_CHECK(w13.scalar_type() == at::kFloat8_e4m3fn && w2.scalar_type() == at::kFloat8_e4m3fn,
+              "grouped_ffn_fp8: w13 and w2 float8_e4m3fn");
+  TORCH_CHECK(s1.scalar_type() == at::kFloat && s3.scalar_type() == at::kFloat && s2.scalar_type() == at::kFloat,
+              "grouped_ffn_fp8: fp32 scales");
+  TORCH_CHECK(xs.dim() == 2 && w13.dim() == 3 && w2.dim() == 3, "grouped_ffn_fp8: xs [N, H], w13 [E, 2I, H], w2 [E, H, I]");
+  const int64_t E = w13.size(0), H = xs.size(1), I = w2.size(2);
+  TORCH_CHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H,
+              "grouped_ffn_fp8: shapes disagree");
+  TORCH_CHECK(block_rows > 0 && block_cols > 0, "grouped_ffn_fp8: positive block sizes");
+  const int64_t gr1 = (I + block_rows - 1) / block_rows, gc1 = (H + block_cols - 1) / block_cols;
+  const int64_t gr2 = (H + block_rows - 1) / block_rows, gc2 = (I + block_cols - 1) / block_cols;
+  TORCH_CHECK(s1.numel() == E * gr1 * gc1 && s3.numel() == E * gr1 * gc1 && s2.numel() == E * gr2 * gc2,
+              "grouped_ffn_fp8: one scale per block of each projection");
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E && max_rows >= 0, "grouped_ffn_fp8: one count per expert");
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, "grouped_ffn_fp8: counts are non-negative");
+    total += c;
+  }
+  TORCH_CHECK(total == xs.size(0), "grouped_ffn_fp8: counts sum to xs.size(0)");
+  std::vector<int64_t> cs(counts.begin(), counts.end());
+  at::Tensor x = xs.contiguous(), a = w13.contiguous(), b = w2.contiguous();
+  at::Tensor c1 = s1.contiguous(), c3 = s3.contiguous(), c2 = s2.contiguous();
+  const auto* A = static_cast<const uint8_t*>(a.data_ptr());
+  const auto* B = static_cast<const uint8_t*>(b.data_ptr());
+  if (x.scalar_type() == at::kFloat)
+    return grouped_ffn_fp8_impl<float>(x, A, B, c1.data_ptr<float>(), c3.data_ptr<float>(), c2.data_ptr<float>(), E,
+                                       I, block_rows, block_cols, cs, max_rows);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "grouped_ffn_fp8: float32 or bfloat16 rows, not ", x.scalar_type());
+  return grouped_ffn_fp8_impl<bf16>(x, A, B, c1.data_ptr<float>(), c3.data_ptr<float>(), c2.data_ptr<float>(), E, I,
+                                    block_rows, block_cols, cs, max_rows);
+}
+
 // out[t] = sum over t's k chosen experts of weight * that expert's output row, in fp32, adding the
 // rows in the order `order` lists them (ascending expert, as the reference sums): bitwise what
 // experts.combine's multiply + index_add_ gives, without its [T * k, H] fp32 temporaries (at a
@@ -491,10 +675,13 @@ TORCH_LIBRARY(expertmesh, m) {
   m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor w2, int first, int max_rows) -> Tensor");
   m.def("vector_width() -> int", &vector_width);
   m.def("has_pair_experts() -> bool", &has_pair_experts);
+  m.def("grouped_ffn_fp8(Tensor xs, Tensor w13, Tensor w2, Tensor s1, Tensor s3, Tensor s2, int block_rows, "
+        "int block_cols, int[] counts, int max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
   m.impl("grouped_ffn", &grouped_ffn);
   m.impl("combine", &combine);
   m.impl("moe_experts", &moe_experts);
+  m.impl("grouped_ffn_fp8", &grouped_ffn_fp8);
 }
