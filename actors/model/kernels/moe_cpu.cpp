@@ -250,6 +250,52 @@ void expert_ffn_pairs(const bf16* X, int64_t m, const bf16* W13, const bf16* W2,
 inline bool pairs_fit(int64_t H, int64_t I) { return H % 32 == 0 && I % 32 == 0; }
 #endif
 
+// The experts with at most max_rows rows each, on the vector kernel: phase 1 act = silu(x W1^T) *
+// (x W3^T), one task per (expert, block of intermediate columns); phase 2 out = act W2^T, one task
+// per (expert, block of hidden columns), tasks writing disjoint cells. rows13(e, r0, nr, scratch)
+// and rows2 give rows [r0, r0 + nr) of expert e's w13 / w2 in T, contiguous: the dense weights in
+// place, or (scratch_rows > 0) FP8 ones dequantized into `scratch` (scratch_rows rows of the widest).
+template <typename T, typename Rows13, typename Rows2>
+void small_ffn(const at::Tensor& xs, const std::vector<int64_t>& small, const std::vector<int64_t>& counts,
+               const std::vector<int64_t>& start, int64_t widest, int64_t I, at::Tensor& out, int64_t scratch_rows,
+               Rows13 rows13, Rows2 rows2) {
+  const int64_t N = xs.size(0), H = xs.size(1);
+  // the FFN's hidden rows, in T: each value is rounded to T anyway (silu(gate) * up, as the
+  // reference's bf16 ops give it), so phase 2 reads them as bf16 pairs where the CPU has them
+  at::Tensor act = at::empty({N, I}, xs.options());
+  const T* X = xs.data_ptr<T>();
+  T* A = act.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  const int64_t nb1 = (I + ROW_BLOCK - 1) / ROW_BLOCK, nb2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
+  const int64_t S = static_cast<int64_t>(small.size());
+  at::parallel_for(0, S * nb1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> gate(widest * ROW_BLOCK), up(widest * ROW_BLOCK);
+    std::vector<T> sg(scratch_rows * H), su(scratch_rows * H);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t e = small[t / nb1], n0 = (t % nb1) * ROW_BLOCK, nr = std::min(ROW_BLOCK, I - n0);
+      const int64_t s = start[e], m = counts[e];
+      matmul_small(rows13(e, n0, nr, sg.data()), H, nr, X + s * H, H, m, gate.data(), ROW_BLOCK);
+      matmul_small(rows13(e, I + n0, nr, su.data()), H, nr, X + s * H, H, m, up.data(), ROW_BLOCK);
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t n = 0; n < nr; ++n) {
+          const float g = round_as<T>(gate[j * ROW_BLOCK + n]), u = round_as<T>(up[j * ROW_BLOCK + n]);
+          A[(s + j) * I + n0 + n] = static_cast<T>(round_as<T>(silu(g)) * u);
+        }
+    }
+  });
+  at::parallel_for(0, S * nb2, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(widest * ROW_BLOCK);
+    std::vector<T> sd(scratch_rows * I);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t e = small[t / nb2], h0 = (t % nb2) * ROW_BLOCK, hr = std::min(ROW_BLOCK, H - h0);
+      const int64_t s = start[e], m = counts[e];
+      matmul_small(rows2(e, h0, hr, sd.data()), I, hr, A + s * I, I, m, acc.data(), ROW_BLOCK);
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t h = 0; h < hr; ++h) O[(s + j) * H + h0 + h] = static_cast<T>(acc[j * ROW_BLOCK + h]);
+    }
+  });
+}
+
 template <typename T>
 at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const at::Tensor& w2,
                             const std::vector<int64_t>& counts, int64_t max_rows) {
@@ -317,45 +363,24 @@ at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const a
 
   const T* W13 = w13.data_ptr<T>();
   const T* W2 = w2.data_ptr<T>();
-  T* O = out.data_ptr<T>();
-  // the FFN's hidden rows, in T: each value is rounded to T anyway (silu(gate) * up, as the
-  // reference's bf16 ops give it), so phase 2 reads them as bf16 pairs where the CPU has them
-  at::Tensor act = at::empty({N, I}, xs.options());
-  const T* X = xs.data_ptr<T>();
-  T* A = act.data_ptr<T>();
-  const int64_t nb1 = (I + ROW_BLOCK - 1) / ROW_BLOCK, nb2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
-  const int64_t S = static_cast<int64_t>(small.size());
-
-  // phase 1: act = silu(x W1^T) * (x W3^T), one task per (expert, block of intermediate columns)
-  at::parallel_for(0, S * nb1, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate(widest * ROW_BLOCK), up(widest * ROW_BLOCK);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t e = small[t / nb1], n0 = (t % nb1) * ROW_BLOCK, nr = std::min(ROW_BLOCK, I - n0);
-      const int64_t s = start[e], m = counts[e];
-      const T* we = W13 + e * 2 * I * H;
-      matmul_small(we + n0 * H, H, nr, X + s * H, H, m, gate.data(), ROW_BLOCK);
-      matmul_small(we + (I + n0) * H, H, nr, X + s * H, H, m, up.data(), ROW_BLOCK);
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t n = 0; n < nr; ++n) {
-          const float g = round_as<T>(gate[j * ROW_BLOCK + n]), u = round_as<T>(up[j * ROW_BLOCK + n]);
-          A[(s + j) * I + n0 + n] = static_cast<T>(round_as<T>(silu(g)) * u);
-        }
-    }
-  });
-  // phase 2: out = act W2^T, one task per (expert, block of hidden columns): tasks write disjoint cells
-  at::parallel_for(0, S * nb2, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(widest * ROW_BLOCK);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t e = small[t / nb2], h0 = (t % nb2) * ROW_BLOCK, hr = std::min(ROW_BLOCK, H - h0);
-      const int64_t s = start[e], m = counts[e];
-      matmul_small(W2 + e * H * I + h0 * I, I, hr, A + s * I, I, m, acc.data(), ROW_BLOCK);
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t h = 0; h < hr; ++h) O[(s + j) * H + h0 + h] = static_cast<T>(acc[j * ROW_BLOCK + h]);
-    }
-  });
+  small_ffn<T>(xs, small, counts, start, widest, I, out, 0,
+            [&](int64_t e, int64_t r0, int64_t, T*) { return W13 + (e * 2 * I + r0) * H; },
+            [&](int64_t e, int64_t h0, int64_t, T*) { return W2 + (e * H + h0) * I; });
   return out;
 }
 
+// counts as a vector, after checking there is one per expert, none negative, summing to the rows
+std::vector<int64_t> checked_counts(at::IntArrayRef counts, int64_t E, int64_t rows, int64_t max_rows, const char* op) {
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, op, ": one count per expert");
+  TORCH_CHECK(max_rows >= 0, op, ": max_rows >= 0");
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, op, ": counts are non-negative");
+    total += c;
+  }
+  TORCH_CHECK(total == rows, op, ": counts sum to xs.size(0)");
+  return {counts.begin(), counts.end()};
+}
 
 at::Tensor grouped_ffn(const at::Tensor& xs, const at::Tensor& w13, const at::Tensor& w2, at::IntArrayRef counts,
                        int64_t max_rows) {
@@ -366,15 +391,7 @@ at::Tensor grouped_ffn(const at::Tensor& xs, const at::Tensor& w13, const at::Te
   const int64_t E = w13.size(0), H = xs.size(1), I = w2.size(2);
   TORCH_CHECK(w13.size(1) == 2 * I && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H,
               "grouped_ffn: shapes disagree");
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "grouped_ffn: one count per expert");
-  TORCH_CHECK(max_rows >= 0, "grouped_ffn: max_rows >= 0");
-  int64_t total = 0;
-  for (int64_t c : counts) {
-    TORCH_CHECK(c >= 0, "grouped_ffn: counts are non-negative");
-    total += c;
-  }
-  TORCH_CHECK(total == xs.size(0), "grouped_ffn: counts sum to xs.size(0)");
-  std::vector<int64_t> cs(counts.begin(), counts.end());
+  const std::vector<int64_t> cs = checked_counts(counts, E, xs.size(0), max_rows, "grouped_ffn");
   at::Tensor x = xs.contiguous(), a = w13.contiguous(), b = w2.contiguous();
   if (x.scalar_type() == at::kFloat) return grouped_ffn_impl<float>(x, a, b, cs, max_rows);
 
@@ -486,44 +503,15 @@ at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const 
     }
   }
   if (small.empty()) return out;
-  const T* X = xs.data_ptr<T>();
-  T* O = out.data_ptr<T>();
-  at::Tensor act = at::empty({N, I}, xs.options());
-  T* A = act.data_ptr<T>();
-  const int64_t nb1 = (I + ROW_BLOCK - 1) / ROW_BLOCK, nb2 = (H + ROW_BLOCK - 1) / ROW_BLOCK;
-  const int64_t S = static_cast<int64_t>(small.size());
-  // phase 1 and 2 as grouped_ffn_impl's, each block of weight rows dequantized just before use
-  at::parallel_for(0, S * nb1, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gate(widest * ROW_BLOCK), upv(widest * ROW_BLOCK);
-    std::vector<T> wg(ROW_BLOCK * H), wu(ROW_BLOCK * H);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t e = small[t / nb1], n0 = (t % nb1) * ROW_BLOCK, nr = std::min(ROW_BLOCK, I - n0);
-      const int64_t s = start[e], m = counts[e];
-      for (int64_t n = 0; n < nr; ++n) {
-        w13_row(e, n0 + n, wg.data() + n * H);
-        w13_row(e, I + n0 + n, wu.data() + n * H);
-      }
-      matmul_small(wg.data(), H, nr, X + s * H, H, m, gate.data(), ROW_BLOCK);
-      matmul_small(wu.data(), H, nr, X + s * H, H, m, upv.data(), ROW_BLOCK);
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t n = 0; n < nr; ++n) {
-          const float g = round_as<T>(gate[j * ROW_BLOCK + n]), u = round_as<T>(upv[j * ROW_BLOCK + n]);
-          A[(s + j) * I + n0 + n] = static_cast<T>(round_as<T>(silu(g)) * u);
-        }
-    }
-  });
-  at::parallel_for(0, S * nb2, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(widest * ROW_BLOCK);
-    std::vector<T> wd(ROW_BLOCK * I);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t e = small[t / nb2], h0 = (t % nb2) * ROW_BLOCK, hr = std::min(ROW_BLOCK, H - h0);
-      const int64_t s = start[e], m = counts[e];
-      for (int64_t h = 0; h < hr; ++h) w2_row(e, h0 + h, wd.data() + h * I);
-      matmul_small(wd.data(), I, hr, A + s * I, I, m, acc.data(), ROW_BLOCK);
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t h = 0; h < hr; ++h) O[(s + j) * H + h0 + h] = static_cast<T>(acc[j * ROW_BLOCK + h]);
-    }
-  });
+  small_ffn<T>(xs, small, counts, start, widest, I, out, ROW_BLOCK,
+            [&](int64_t e, int64_t r0, int64_t nr, T* dst) {
+              for (int64_t r = 0; r < nr; ++r) w13_row(e, r0 + r, dst + r * H);
+              return static_cast<const T*>(dst);
+            },
+            [&](int64_t e, int64_t h0, int64_t nr, T* dst) {
+              for (int64_t h = 0; h < nr; ++h) w2_row(e, h0 + h, dst + h * I);
+              return static_cast<const T*>(dst);
+            });
   return out;
 }
 
@@ -544,14 +532,7 @@ at::Tensor grouped_ffn_fp8(const at::Tensor& xs, const at::Tensor& w13, const at
   const int64_t gr2 = (H + block_rows - 1) / block_rows, gc2 = (I + block_cols - 1) / block_cols;
   TORCH_CHECK(s1.numel() == E * gr1 * gc1 && s3.numel() == E * gr1 * gc1 && s2.numel() == E * gr2 * gc2,
               "grouped_ffn_fp8: one scale per block of each projection");
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E && max_rows >= 0, "grouped_ffn_fp8: one count per expert");
-  int64_t total = 0;
-  for (int64_t c : counts) {
-    TORCH_CHECK(c >= 0, "grouped_ffn_fp8: counts are non-negative");
-    total += c;
-  }
-  TORCH_CHECK(total == xs.size(0), "grouped_ffn_fp8: counts sum to xs.size(0)");
-  std::vector<int64_t> cs(counts.begin(), counts.end());
+  const std::vector<int64_t> cs = checked_counts(counts, E, xs.size(0), max_rows, "grouped_ffn_fp8");
   at::Tensor x = xs.contiguous(), a = w13.contiguous(), b = w2.contiguous();
   at::Tensor c1 = s1.contiguous(), c3 = s3.contiguous(), c2 = s2.contiguous();
   const auto* A = static_cast<const uint8_t*>(a.data_ptr());
