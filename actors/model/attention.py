@@ -18,7 +18,7 @@ from ..kv_cache import MLAKVCache
 from .config import ModelConfig
 from .fp8 import Fp8Linear
 from .layers import RMSNorm
-from .packed import emulated_bf16
+from .packed import PairPackedLinear, emulated_bf16
 from .rope import RotaryEmbedding, softmax_scale
 
 
@@ -76,11 +76,9 @@ class MLAttention(nn.Module):
         """With the CPU kernels' pair-packed linears: q_a_proj and kv_a_proj_with_mqa (which both
         read x) become one PairPackedLinear, qkv_a (their rows stacked, no copy kept of either).
         Before pair_pack_linears; 1 if fused, else 0 (no q_lora, not bf16 CPU linears)."""
-        from .packed import PairPackedLinear
-
         lins = (getattr(self, "q_a_proj", None), self.kv_a_proj_with_mqa)
         if not self.q_lora or not all(type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == torch.bfloat16
-                                      and lin.weight.device.type == "cpu" for lin in lins):
+                                      and lin.weight.device.type == "cpu" and lin.in_features % 2 == 0 for lin in lins):
             return 0
         both = nn.Linear(lins[0].in_features, sum(lin.out_features for lin in lins), bias=False,
                          dtype=torch.bfloat16, device="meta")
@@ -118,7 +116,8 @@ class MLAttention(nn.Module):
             self.kernel.mla_kv_write(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin,
                                      kv.joint[self.layer], batch.out_slots, rope.interleave)
             on_kernel = self._on_kernel(x, batch, kv)
-            if on_kernel and t * self.num_heads * self.nope * self.kv_lora_rank <= BMM_KERNEL_MAX_MACS:
+            if (on_kernel and isinstance(self.q_b_proj, PairPackedLinear)  # (an even q_lora_rank)
+                    and t * self.num_heads * self.nope * self.kv_lora_rank <= BMM_KERNEL_MAX_MACS):
                 q_cat = self.kernel.mla_query(q_a, self.q_a_layernorm.weight, self.q_a_layernorm.eps,
                                               self.q_b_proj.packed, cos, sin, self._absorbed()[0], rope.interleave)
                 out = self._attend_latent(q_cat, batch, kv, absorbed=True)
