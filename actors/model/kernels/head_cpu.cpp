@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cpu_vec.h"
+#include "pair_gemm.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define EXPERTMESH_SCREEN_VNNI 1
@@ -328,18 +329,15 @@ at::Tensor pack_layout(const at::Tensor& q) {  // [Np, K] -> [NB, K, 16]
 }
 #endif
 
-// The 16 bf16 logits of block b for one row, as linear_packed computes them on the vector path.
+// The 16 bf16 logits of block b for one row, as linear_packed computes them on the vector path
+// (its own tile, given the block twice: a candidate block is a few microseconds either way).
 inline void block_logits(const bf16* wp, int64_t K, int64_t b, const bf16* x, float* out) {
   const int64_t K2 = K / 2;
   const bf16* blk = wp + b * K2 * 32;
 #if defined(__AVX512BF16__)
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k2 = 0; k2 < K2; ++k2) {
-    int32_t pair;
-    std::memcpy(&pair, x + 2 * k2, sizeof(pair));
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(blk + k2 * 32), (__m512bh)_mm512_set1_epi32(pair));
-  }
-  _mm512_storeu_ps(out, acc);
+  __m512 tile[2];
+  pair_tile<1>(blk, blk, x, K, K2, tile);
+  _mm512_storeu_ps(out, tile[0]);
 #else
   for (int i = 0; i < 16; ++i) out[i] = 0.f;
   for (int64_t k2 = 0; k2 < K2; ++k2)

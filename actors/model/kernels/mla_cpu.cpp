@@ -73,6 +73,17 @@ inline void weighted_sum(const T* const* rows, int64_t n, const float* p, int64_
     }
 }
 
+// out[j] = sum_l p[j][l] * rows[l][:rank] for m <= HEADS heads (p: n per head, out: rank per head)
+template <typename T>
+inline void weighted_sum_heads(int64_t m, const T* const* rows, int64_t n, const float* p, int64_t rank, float* out) {
+  switch (m) {
+    case 1: weighted_sum<1>(rows, n, p, n, rank, out, rank); break;
+    case 2: weighted_sum<2>(rows, n, p, n, rank, out, rank); break;
+    case 3: weighted_sum<3>(rows, n, p, n, rank, out, rank); break;
+    default: weighted_sum<4>(rows, n, p, n, rank, out, rank); break;
+  }
+}
+
 #if defined(EXPERTMESH_VEC_EXP)
 // p[0 : n] = the bf16 reference's softmax of round(round(p) * scale): probabilities rounded to bf16
 inline void softmax_bf16(float* p, int64_t n, float scale) {
@@ -164,12 +175,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor&
         const float inv = 1.f / sum;
         for (int64_t i = 0; i < n; ++i) pj[i] = round_as<T>(pj[i] * inv);
       }
-      switch (m) {
-        case 1: weighted_sum<1>(rows.data(), n, p.data(), n, rank, acc.data(), rank); break;
-        case 2: weighted_sum<2>(rows.data(), n, p.data(), n, rank, acc.data(), rank); break;
-        case 3: weighted_sum<3>(rows.data(), n, p.data(), n, rank, acc.data(), rank); break;
-        default: weighted_sum<4>(rows.data(), n, p.data(), n, rank, acc.data(), rank); break;
-      }
+      weighted_sum_heads(m, rows.data(), n, p.data(), rank, acc.data());
       for (int64_t j = 0; j < m; ++j)
         for (int64_t c = 0; c < rank; ++c) O[(b * H + h0 + j) * rank + c] = static_cast<T>(acc[j * rank + c]);
     }
@@ -360,12 +366,7 @@ bool attend_shared_vec(const at::Tensor& q, const at::Tensor& cache, const at::T
         std::fill(own, own + m * rank, 0.f);
         continue;
       }
-      switch (m) {
-        case 1: weighted_sum<1>(rows.data(), n, p.data(), n, rank, own, rank); break;
-        case 2: weighted_sum<2>(rows.data(), n, p.data(), n, rank, own, rank); break;
-        case 3: weighted_sum<3>(rows.data(), n, p.data(), n, rank, own, rank); break;
-        default: weighted_sum<4>(rows.data(), n, p.data(), n, rank, own, rank); break;
-      }
+      weighted_sum_heads(m, rows.data(), n, p.data(), rank, own);
     }
   });
   pair_gemm_f32(Pr, P32, G, P32 / 2, vs, rank / 16, O_sh, rank);

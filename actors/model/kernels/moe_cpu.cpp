@@ -255,6 +255,26 @@ inline bool pairs_fit(int64_t H, int64_t I) { return H % 32 == 0 && I % 32 == 0;
 // per (expert, block of hidden columns), tasks writing disjoint cells. rows13(e, r0, nr, scratch)
 // and rows2 give rows [r0, r0 + nr) of expert e's w13 / w2 in T, contiguous: the dense weights in
 // place, or (scratch_rows > 0) FP8 ones dequantized into `scratch` (scratch_rows rows of the widest).
+// Each expert's first row in xs (rows sorted by expert), and the experts with rows split at max_rows:
+// `small` for the vector kernel (the most rows of one of them: `widest`), `big` for the GEMM paths.
+struct ExpertSplit {
+  std::vector<int64_t> start, small, big;
+  int64_t widest = 0, big_rows = 0;
+  ExpertSplit(const std::vector<int64_t>& counts, int64_t max_rows) : start(counts.size() + 1, 0) {
+    for (size_t e = 0; e < counts.size(); ++e) {
+      start[e + 1] = start[e] + counts[e];
+      if (counts[e] == 0) continue;
+      if (counts[e] <= max_rows) {
+        small.push_back(static_cast<int64_t>(e));
+        widest = std::max(widest, counts[e]);
+      } else {
+        big.push_back(static_cast<int64_t>(e));
+        big_rows += counts[e];
+      }
+    }
+  }
+};
+
 template <typename T, typename Rows13, typename Rows2>
 void small_ffn(const at::Tensor& xs, const std::vector<int64_t>& small, const std::vector<int64_t>& counts,
                const std::vector<int64_t>& start, int64_t widest, int64_t I, at::Tensor& out, int64_t scratch_rows,
@@ -302,21 +322,9 @@ at::Tensor grouped_ffn_impl(const at::Tensor& xs, const at::Tensor& w13, const a
   const int64_t N = xs.size(0), H = xs.size(1), I = w2.size(2), E = w13.size(0);
   at::Tensor out = at::empty_like(xs);
   if (N == 0) return out;
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
-
-  std::vector<int64_t> small, big;  // experts for the vector kernel below; the rest are bigger
-  int64_t widest = 0;               // most rows of one of the small ones
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = counts[e];
-    if (m == 0) continue;
-    if (m <= max_rows) {
-      small.push_back(e);
-      widest = std::max(widest, m);
-    } else {
-      big.push_back(e);
-    }
-  }
+  const ExpertSplit sp(counts, max_rows);
+  const std::vector<int64_t>&start = sp.start, &small = sp.small, &big = sp.big;
+  const int64_t widest = sp.widest;
   bool big_done = false;  // the experts past max_rows computed by a tile or pair path
 #if defined(EXPERTMESH_AMX)
   if constexpr (std::is_same_v<T, bf16>) {
@@ -454,8 +462,8 @@ at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const 
   const int64_t gr1 = (I + br - 1) / br, gc1 = (H + bc - 1) / bc, gr2 = (H + br - 1) / br, gc2 = (I + bc - 1) / bc;
   at::Tensor out = at::empty_like(xs);
   if (N == 0) return out;
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + counts[e];
+  const ExpertSplit sp(counts, max_rows);
+  const std::vector<int64_t>&start = sp.start, &small = sp.small, &big = sp.big;
   // weight row r of expert e's w13 (gate rows, then up rows with their own grid) into dst
   const auto w13_row = [&](int64_t e, int64_t r, T* dst) {
     const bool up = r >= I;
@@ -466,22 +474,10 @@ at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const 
   const auto w2_row = [&](int64_t e, int64_t h, T* dst) {
     dequant_row(W2 + (e * H + h) * I, I, S2 + (e * gr2 + h / br) * gc2, bc, dst);
   };
-  std::vector<int64_t> small, big;
-  int64_t widest = 0, big_rows = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    if (counts[e] == 0) continue;
-    if (counts[e] <= max_rows) {
-      small.push_back(e);
-      widest = std::max(widest, counts[e]);
-    } else {
-      big.push_back(e);
-      big_rows += counts[e];
-    }
-  }
   if (!big.empty()) {  // dequantized whole, through the dense experts' big path
     const int64_t B = static_cast<int64_t>(big.size());
     at::Tensor d13 = at::empty({B, 2 * I, H}, xs.options()), d2 = at::empty({B, H, I}, xs.options());
-    at::Tensor bx = at::empty({big_rows, H}, xs.options());
+    at::Tensor bx = at::empty({sp.big_rows, H}, xs.options());
     std::vector<int64_t> bcounts(B);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -503,7 +499,7 @@ at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const 
     }
   }
   if (small.empty()) return out;
-  small_ffn<T>(xs, small, counts, start, widest, I, out, ROW_BLOCK,
+  small_ffn<T>(xs, small, counts, start, sp.widest, I, out, ROW_BLOCK,
             [&](int64_t e, int64_t r0, int64_t nr, T* dst) {
               for (int64_t r = 0; r < nr; ++r) w13_row(e, r0 + r, dst + r * H);
               return static_cast<const T*>(dst);

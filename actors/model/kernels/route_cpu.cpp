@@ -28,28 +28,38 @@ namespace {
 
 using namespace expertmesh_cpu;
 
-void check_route(int64_t E, int64_t n_group, int64_t topk_group, int64_t top_k) {
+std::tuple<at::Tensor, at::Tensor> moe_gate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                            int64_t n_group, int64_t topk_group, int64_t top_k, bool normalize,
+                                            double scaling) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && bias.device().is_cpu(), "moe_gate: CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
+              "moe_gate: x bfloat16, weight and bias float32");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && bias.dim() == 1 && weight.size(1) == x.size(1) &&
+                  bias.size(0) == weight.size(0),
+              "moe_gate: x [T, H], weight [E, H], bias [E]");
+  const int64_t T = x.size(0), H = x.size(1), E = weight.size(0);
   TORCH_CHECK(n_group > 0 && E % n_group == 0 && E / n_group >= 2, "moe_gate: E splits into groups of 2+");
   TORCH_CHECK(topk_group > 0 && topk_group <= n_group && top_k > 0 && top_k <= topk_group * (E / n_group),
               "moe_gate: 0 < topk_group <= n_group, 0 < top_k <= the experts of the kept groups");
-}
-
-// The selection for T rows; scores(t, out) writes row t's E sigmoid scores into out.
-template <typename Scores>
-std::tuple<at::Tensor, at::Tensor> select(int64_t T, int64_t E, const float* B, int64_t n_group, int64_t topk_group,
-                                          int64_t top_k, bool normalize, double scaling, const at::TensorOptions& opts,
-                                          Scores scores) {
-  at::Tensor ids = at::empty({T, top_k}, opts.dtype(at::kLong));
-  at::Tensor weights = at::empty({T, top_k}, opts.dtype(at::kFloat));
+  at::Tensor xc = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  const bf16* X = xc.data_ptr<bf16>();
+  const float* Wt = w.data_ptr<float>();
+  const float* B = b.data_ptr<float>();
+  at::Tensor ids = at::empty({T, top_k}, w.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({T, top_k}, w.options());
   int64_t* I = ids.data_ptr<int64_t>();
   float* W = weights.data_ptr<float>();
   const int64_t per = E / n_group;
   const float neg = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> st(E), choice(E), group(n_group);
+    std::vector<float> xf(H), st(E), choice(E), group(n_group);
     std::vector<int64_t> order(std::max(E, n_group));
     for (int64_t t = begin; t < end; ++t) {
-      scores(t, st.data());
+      for (int64_t h = 0; h < H; ++h) xf[h] = static_cast<float>(X[t * H + h]);
+      for (int64_t e = 0; e < E; ++e) {  // fp32 logits as the reference's fp32 linear, then sigmoid
+        dot_row(Wt + e * H, xf.data(), H, H, 1, st.data() + e, 1);
+        st[e] = 1.f / (1.f + std::exp(-st[e]));
+      }
       for (int64_t e = 0; e < E; ++e) choice[e] = st[e] + B[e];
       for (int64_t g = 0; g < n_group; ++g) {
         float a = neg, c = neg;  // the group's best two
@@ -83,31 +93,6 @@ std::tuple<at::Tensor, at::Tensor> select(int64_t T, int64_t E, const float* B, 
     }
   });
   return {ids, weights};
-}
-
-std::tuple<at::Tensor, at::Tensor> moe_gate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                            int64_t n_group, int64_t topk_group, int64_t top_k, bool normalize,
-                                            double scaling) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && bias.device().is_cpu(), "moe_gate: CPU tensors");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
-              "moe_gate: x bfloat16, weight and bias float32");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && bias.dim() == 1 && weight.size(1) == x.size(1) &&
-                  bias.size(0) == weight.size(0),
-              "moe_gate: x [T, H], weight [E, H], bias [E]");
-  const int64_t T = x.size(0), H = x.size(1), E = weight.size(0);
-  check_route(E, n_group, topk_group, top_k);
-  at::Tensor xc = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  const bf16* X = xc.data_ptr<bf16>();
-  const float* Wt = w.data_ptr<float>();
-  return select(T, E, b.data_ptr<float>(), n_group, topk_group, top_k, normalize, scaling, w.options(),
-                [&](int64_t t, float* out) {
-                  std::vector<float> xf(H);
-                  for (int64_t h = 0; h < H; ++h) xf[h] = static_cast<float>(X[t * H + h]);
-                  for (int64_t e = 0; e < E; ++e) {  // fp32 logits as the reference's fp32 linear, then sigmoid
-                    dot_row(Wt + e * H, xf.data(), H, H, 1, out + e, 1);
-                    out[e] = 1.f / (1.f + std::exp(-out[e]));
-                  }
-                });
 }
 
 }  // namespace
