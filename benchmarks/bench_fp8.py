@@ -1,11 +1,12 @@
 """FP8 weights kept resident vs dequantized at load, same engine, same process, one run.
 
 On the `small` preset written in FP8 (benchmarks/results/ckpt-small-fp8), bf16 compute: each
-side's resident weight bytes (what the rank holds, from `weight_bytes`), its greedy tokens (equal
-with the CPU kernels off), and decode throughput at batch 1 and batch 32, alternating which side runs first.
-On CPU the resident path pays a dequantization per matmul (the experts per block of rows, with the
-CPU kernels) and loses the prepacked weights, so it is slower: it exists for memory (R1 on A100: 37.0
-vs 70.1 GiB per rank). In bf16 with the kernels on, tokens part where the two sides sum in other orders.
+side's resident weight bytes (what the rank holds, from `weight_bytes`), its greedy tokens (equal:
+both sides run the same kernels on the same values, the resident side dequantizing inside them),
+and decode throughput at batch 1 and batch 32, alternating which side runs first. On CPU the
+resident path pays a per-element dequantization (a table lookup) inside every FP8 matmul, so on a
+model whose weights sit in cache it is slower: it exists for memory (R1 on A100: 37.0 vs 70.1 GiB
+per rank); on R1's shapes the FP8 projections stream half the bytes and beat bf16 at one row.
 
     .venv/bin/python benchmarks/bench_fp8.py --repeats 3
 """

@@ -96,6 +96,66 @@ def test_grouped_ffn_fp8_is_bitwise_the_dequantized_experts(dtype):
         ops.grouped_ffn_fp8(xs, w.w13, w.w2, w.w1_scale_inv[:-1], w.w3_scale_inv, w.w2_scale_inv, 128, 128, counts, 16)
 
 
+@pytest.mark.parametrize("shape", [(192, 512, 128, 128), (130, 190, 128, 128), (100, 62, 16, 4), (40, 4100, 128, 128)])
+def test_linear_packed_fp8_is_bitwise_the_pair_kernel_on_the_dequantized_weight(shape):
+    """The FP8 pair linear alone: partial edge blocks, rows padding N to 32, small blocks (a scale
+    row per block), a K spanning several scale columns, row counts on the looked-up path (<= 6) and
+    on the dequantized-scratch path; bad blocks get a clear error."""
+    from expertmesh.actors.model.kernels import cpu_kernels, pack_pairs
+
+    ops = cpu_kernels()
+    if ops is None or not hasattr(ops, "linear_packed_fp8"):
+        pytest.skip("no FP8 pair linear in this build")
+    n, k, br, bc = shape
+    gen = torch.Generator().manual_seed(n + k)
+    q = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)  # subnormals to 448
+    s = torch.rand(-(-n // br), -(-k // bc), generator=gen) * 1e-2 + 1e-5
+    dense = pack_pairs(dequantize_fp8(q, s, (br, bc)).to(torch.bfloat16))
+    packed = pack_pairs(q.view(torch.uint8)).view(torch.float8_e4m3fn)
+    for m in (0, 1, 2, 5, 6, 7, 33):
+        x = torch.randn(m, dense.shape[1] * 2, generator=gen).to(torch.bfloat16)
+        assert torch.equal(ops.linear_packed_fp8(x, packed, s, br, bc, n), ops.linear_packed(x, dense, n)), m
+    with pytest.raises(RuntimeError, match="block rows a multiple of 16"):
+        ops.linear_packed_fp8(x, packed, s, 8, bc, n)
+    with pytest.raises(RuntimeError, match="a scale for every block"):
+        ops.linear_packed_fp8(x, packed, s[:, :-1], br, bc, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_fp8_kernel_is_the_torch_dequantization(dtype):
+    """The kernels' one-call dequantization (an FP8 kv_b_proj's, each step): the values of
+    fp8.dequantize_fp8 on partial edge blocks, 32-aligned blocks on the table path and odd ones."""
+    from expertmesh.actors.model.kernels import cpu_kernels
+
+    ops = cpu_kernels()
+    if ops is None:
+        pytest.skip("no CPU kernels here")
+    gen = torch.Generator().manual_seed(9)
+    for n, k, br, bc in ((300, 200, 128, 128), (64, 100, 16, 24), (5, 7, 2, 3)):
+        q = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        s = torch.rand(-(-n // br), -(-k // bc), generator=gen) * 1e-2 + 1e-5
+        assert torch.equal(ops.dequantize_fp8(q, s, br, bc, dtype), dequantize_fp8(q, s, (br, bc)).to(dtype))
+    with pytest.raises(RuntimeError, match="one scale per"):
+        ops.dequantize_fp8(q, s[:-1], br, bc, dtype)
+
+
+def test_fp8_linears_run_on_the_pair_kernel_with_the_cpu_kernels(tiny_fp8_ckpt):
+    """A bf16 worker with the kernels keeps its FP8 projections in e4m3 pairs (kv_b_proj excepted:
+    absorbed attention reads its dequantized weight)."""
+    from expertmesh.actors.model.fp8 import PairPackedFp8Linear
+    from expertmesh.actors.model.kernels import cpu_kernels
+
+    ops = cpu_kernels()
+    if ops is None or not hasattr(ops, "linear_packed_fp8"):
+        pytest.skip("no FP8 pair linear in this build")
+    model = _worker(tiny_fp8_ckpt, "bfloat16", True).model
+    packed = {name for name, m in model.named_modules() if isinstance(m, PairPackedFp8Linear)}
+    assert any(name.endswith("o_proj") for name in packed) and any(name.endswith("down_proj") for name in packed)
+    assert all(isinstance(layer.self_attn.kv_b_proj, Fp8Linear) for layer in model.layers)
+    assert all(p.dtype == torch.float8_e4m3fn for name, p in model.named_parameters() if name.endswith(".packed")
+               and any(name.startswith(n + ".") for n in packed))
+
+
 def test_slabbed_matmul_equals_one_slab(tiny_fp8_ckpt, monkeypatch):
     """A weight larger than a slab is dequantized a block-row slab at a time: same logits."""
     whole = prefill_then_decode(_worker(tiny_fp8_ckpt, "float32", True), SHORT)

@@ -321,7 +321,11 @@ class LocalExperts:
         t, k = topk_ids.shape
         w = self.weights
         with self.profiler.span("experts"):
-            if w.kernel is not None and x.dtype == w.w13.dtype and w.slots_contiguous:
+            if w.kernel is not None and w.slots_contiguous and w.fp8_block is not None and x.dtype == w.compute_dtype:
+                return w.kernel.moe_experts_fp8(x, topk_ids, topk_weights.float(), w.w13, w.w2, w.w1_scale_inv,
+                                                w.w3_scale_inv, w.w2_scale_inv, w.fp8_block[0], w.fp8_block[1],
+                                                w.first, w.kernel_max_rows)
+            if w.kernel is not None and w.slots_contiguous and x.dtype == w.w13.dtype:
                 # the whole step in one kernel call: permute, gather, grouped FFN, combine
                 return w.kernel.moe_experts(x, topk_ids, topk_weights.float(), w.w13, w.w2, w.first, w.kernel_max_rows)
             local = topk_ids - self.weights.first

@@ -9,9 +9,12 @@ a scale per 16,384 weights; the dequantized slab is transient.
 
 The dequantized values are the dequantize-at-load path's exactly (the same fp32 product, the same
 cast), and a weight that fits one slab goes through the very same matmul call, so the outputs are
-bitwise equal to that path's. On CUDA this is weight-only FP8 with bf16 compute, what an A100 (no
-FP8 tensor cores) needs; a fused kernel (Marlin-style) can replace `fp8_linear` behind the same
-signature. Written by hand because torch has no blockwise-scaled weight-only FP8 linear on CPU.
+bitwise equal to that path's. With the CPU kernels in bf16 the projections become
+`PairPackedFp8Linear`s instead: e4m3 bytes in the pair kernel's layout, dequantized inside the
+matmul (kernels/fp8.h), bitwise what the pair kernel computes on the dequantize-at-load weight. On
+CUDA this is weight-only FP8 with bf16 compute, what an A100 (no FP8 tensor cores) needs; a fused
+kernel (Marlin-style) can replace `fp8_linear` behind the same signature. Written by hand because
+torch has no blockwise-scaled weight-only FP8 linear on CPU.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .packed import replace_modules
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Weights dequantized per slab: 16M weights = 32 MB of bf16 scratch. R1's largest expert matrix
@@ -108,15 +113,57 @@ class Fp8Linear(nn.Module):
                                    requires_grad=False)
         self.weight_scale_inv = nn.Parameter(torch.empty(grid, dtype=torch.float32, device=device), requires_grad=False)
 
+        self.kernel = None  # the CPU kernels' ops, for `dequantized` in one call (pair_pack_fp8_linears)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The whole weight in the compute dtype (a transient copy)."""
+        if self.kernel is not None:
+            return self.kernel.dequantize_fp8(self.weight, self.weight_scale_inv, self.block[0], self.block[1], self.dtype)
         return dequantize_fp8(self.weight, self.weight_scale_inv, self.block).to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {self.block}"
+
+
+class PairPackedFp8Linear(nn.Module):
+    """An Fp8Linear held in the CPU kernels' pair layout (its e4m3 bytes through kernels.pack_pairs,
+    rows padded to 32) beside its block scales, run by their `linear_packed_fp8`: the weights stream
+    at 1 byte each and are dequantized inside the matmul (a table per scale block), with the values
+    the dequantize-at-load path packs, so the outputs are bitwise a PairPackedLinear's on that
+    path's weight. Against the slab path (dequantize, F.linear) 13-35x faster at 1 row here; against
+    the bf16 pair kernel 1.15-1.25x at 1 row on R1's shapes (half the bytes), 0.6-0.8x on `small`'s
+    cache-resident ones."""
+
+    def __init__(self, linear: Fp8Linear, ops):
+        super().__init__()
+        from .kernels import pack_pairs
+
+        self.in_features, self.out_features, self.block = linear.in_features, linear.out_features, linear.block
+        self.ops = ops
+        self.packed = nn.Parameter(pack_pairs(linear.weight.view(torch.uint8)).view(torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.weight_scale_inv = linear.weight_scale_inv
+
+    @staticmethod
+    def fits(linear: nn.Module, ops) -> bool:
+        """An Fp8Linear on CPU computing in bf16, whose blocks the kernel's layout can take (block rows
+        a multiple of 16, even block columns) at an even input width, where the kernels have it."""
+        return (type(linear) is Fp8Linear and linear.dtype == torch.bfloat16 and linear.weight.device.type == "cpu"
+                and linear.weight.dtype == torch.float8_e4m3fn and linear.in_features % 2 == 0
+                and linear.block[0] % 16 == 0 and linear.block[1] % 2 == 0 and ops is not None
+                and hasattr(ops, "linear_packed_fp8"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.ops.linear_packed_fp8(x.reshape(-1, self.in_features), self.packed, self.weight_scale_inv,
+                                       self.block[0], self.block[1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {self.block}, pairs"
 
 
 def convert_linears(model: nn.Module, is_fp8, block: tuple[int, int], dtype: torch.dtype) -> int:
@@ -124,11 +171,21 @@ def convert_linears(model: nn.Module, is_fp8, block: tuple[int, int], dtype: tor
     freeing its dense weight before loading fills the e4m3 one. Returns how many were replaced."""
     targets = [(name, mod) for name, mod in model.named_modules()
                if type(mod) is nn.Linear and mod.bias is None and is_fp8(name)]
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear(mod.in_features, mod.out_features, block, dtype, mod.weight.device))
-    return len(targets)
+    return replace_modules(model, targets,
+                    lambda mod: Fp8Linear(mod.in_features, mod.out_features, block, dtype, mod.weight.device))
+
+
+def pair_pack_fp8_linears(model: nn.Module, ops, keep: tuple[str, ...] = ()) -> int:
+    """After loading: every Fp8Linear the CPU kernels' FP8 pair linear can take becomes a
+    PairPackedFp8Linear, except modules whose name ends with one of `keep` (kv_b_proj: absorbed
+    attention reads its dequantized weight each step, through the kernels' `dequantize_fp8`).
+    Returns how many were packed."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if PairPackedFp8Linear.fits(mod, ops) and not name.endswith(keep)]
+    for name, mod in model.named_modules():  # those kept dequantize through the kernels
+        if type(mod) is Fp8Linear and mod.weight.device.type == "cpu" and name.endswith(keep):
+            mod.kernel = ops
+    return replace_modules(model, targets, lambda mod: PairPackedFp8Linear(mod, ops))
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

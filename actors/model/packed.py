@@ -157,7 +157,7 @@ def pack_swiglus(model: nn.Module, ops) -> int:
                and all(type(lin) is nn.Linear and lin.bias is None and lin.weight.dtype == torch.bfloat16
                        and lin.weight.device.type == "cpu" and lin.in_features % 2 == 0
                        for lin in (mod.gate_proj, mod.up_proj, mod.down_proj))]
-    return _replace(model, targets, lambda mod: PackedSwiGLU(mod, ops))
+    return replace_modules(model, targets, lambda mod: PackedSwiGLU(mod, ops))
 
 
 def pair_pack_linears(model: nn.Module, ops, keep_dense: tuple[str, ...] = ()) -> int:
@@ -179,10 +179,10 @@ def _replace_linears(model: nn.Module, wanted, make, keep_dense: tuple[str, ...]
     modules whose name ends with one of `keep_dense`. Returns how many."""
     targets = [(name, mod) for name, mod in model.named_modules()
                if type(mod) is nn.Linear and mod.bias is None and wanted(mod) and not name.endswith(keep_dense)]
-    return _replace(model, targets, make)
+    return replace_modules(model, targets, make)
 
 
-def _replace(model: nn.Module, targets: list[tuple[str, nn.Module]], make) -> int:
+def replace_modules(model: nn.Module, targets: list[tuple[str, nn.Module]], make) -> int:
     """Sets each named submodule in `targets` to `make(module)`. Returns how many."""
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")

@@ -2,7 +2,8 @@
 cpu_vec.h's vector helpers: `grouped_ffn` and `combine` (moe_cpu.cpp: the routed experts at decode
 batches and their weighted sum), `mla_attend` (mla_cpu.cpp: absorbed MLA attention over the KV
 cache's slots, decode rows and, on AMX, prefill rows), `linear_small` and `linear_packed`
-(linear_cpu.cpp: every bf16 linear where the CPU has AVX512-BF16, AMX or only AVX2), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `head_screen_argmax`
+(linear_cpu.cpp: every bf16 linear where the CPU has AVX512-BF16, AMX or only AVX2), `linear_packed_fp8`,
+`dequantize_fp8` and `moe_experts_fp8` (FP8-resident weights dequantized inside the kernels, fp8.h), `rms_norm` (norm_cpu.cpp), `argmax_rows` (argmax_cpu.cpp: greedy sampling), `head_screen_argmax`
 (head_cpu.cpp: greedy rows' argmax from the lm_head's int8 screen, on int8 dot products where the
 CPU has AVX512-VNNI), `moe_gate`
 (route_cpu.cpp: the noaux_tc router: matmul, sigmoid, selection), `rope_rows` (rope_cpu.cpp: MLA's rotary embedding), `mla_kv_write` and `mla_query`

@@ -53,6 +53,11 @@ inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 inline float vhmax(vec a) { return _mm512_reduce_max_ps(a); }
+// 16 lanes stored as bf16, rounded as c10::BFloat16 rounds (vround_bf16)
+inline void vstore_bf16(bf16* p, vec a) {
+  const __m512i hi = _mm512_srli_epi32(_mm512_castps_si512(vround_bf16(a)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(hi));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int VL = 8;
 using vec = __m256;
@@ -101,6 +106,12 @@ inline float vhmax(vec a) {
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+// 8 lanes stored as bf16, rounded as c10::BFloat16 rounds (vround_bf16)
+inline void vstore_bf16(bf16* p, vec a) {
+  const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(vround_bf16(a)), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 #else
 constexpr int VL = 1;

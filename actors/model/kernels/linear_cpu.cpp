@@ -15,6 +15,7 @@
 
 #include "amx.h"
 #include "cpu_vec.h"
+#include "fp8.h"
 #include "pair_gemm.h"
 #include "rows.h"
 
@@ -75,7 +76,8 @@ constexpr int64_t AMX_MIN_ROWS = 4;
 // rows, tasks ordered row chunk by row chunk, so a thread's rows stay in L2 while the weight
 // blocks stream past them (one task per 32 outputs over all rows re-read the whole input from L3
 // per task: 2-2.7x oneDNN's time at 4096 rows).
-void linear_packed_amx(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O) {
+void linear_packed_amx(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O,
+                       int64_t ldo) {
   constexpr int64_t MC = 128;
   const int64_t K2 = K / 2, Mp = (M + 15) / 16 * 16, NP = NB / 2, chunks = (Mp + MC - 1) / MC;
   std::vector<bf16> padded;
@@ -95,40 +97,116 @@ void linear_packed_amx(const bf16* X, int64_t M, int64_t K, const bf16* W, int64
       amx_pairs_32(A + m0 * K, K, rows, b0, b0 + K2 * 32, K2, C.data(), next);
       const int64_t n0 = 2 * p * 16, nr = std::min<int64_t>(32, n_out - n0);
       for (int64_t j = 0; j < rows && m0 + j < M; ++j)
-        for (int64_t n = 0; n < nr; ++n) O[(m0 + j) * n_out + n0 + n] = static_cast<bf16>(C[j * 32 + n]);
+        for (int64_t n = 0; n < nr; ++n) O[(m0 + j) * ldo + n0 + n] = static_cast<bf16>(C[j * 32 + n]);
     }
   });
 }
 #endif
 
-// O [M, n_out] = X [M, K] . W^T for W in the pair layout (NB blocks of 16 outputs)
-void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O) {
+// a pair tile's m rows (two fp32 blocks of 16 each) into o (ldo apart), its first nr outputs, as bf16
+inline void store_pair_tile(const __m512* tile, int64_t m, bf16* o, int64_t ldo, int64_t nr) {
+  float buf[32];
+  for (int64_t j = 0; j < m; ++j) {
+    _mm512_storeu_ps(buf, tile[2 * j]);
+    _mm512_storeu_ps(buf + 16, tile[2 * j + 1]);
+    for (int64_t n = 0; n < nr; ++n) o[j * ldo + n] = static_cast<bf16>(buf[n]);
+  }
+}
+
+// O [M, n_out] (ldo apart) = X [M, K] . W^T for W in the pair layout (NB blocks of 16 outputs)
+void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O,
+                 int64_t ldo) {
   const int64_t K2 = K / 2;
 #if defined(EXPERTMESH_AMX)
   if (M >= AMX_MIN_ROWS && K2 % 16 == 0 && amx_ready()) {
-    linear_packed_amx(X, M, K, W, NB, n_out, O);
+    linear_packed_amx(X, M, K, W, NB, n_out, O, ldo);
     return;
   }
 #endif
   at::parallel_for(0, NB / 2, 4, [&](int64_t begin, int64_t end) {
     __m512 tile[2 * PT];
-    float buf[32];
     for (int64_t p = begin; p < end; ++p) {
       const bf16* b0 = W + (2 * p) * K2 * 32;
       const bf16* b1 = b0 + K2 * 32;
       for (int64_t j0 = 0; j0 < M; j0 += PT) {
         const int64_t m = std::min<int64_t>(PT, M - j0);
         pair_tile_rows(m, b0, b1, X + j0 * K, K, K2, tile);
-        const int64_t n0 = 2 * p * 16, nr = std::min<int64_t>(32, n_out - n0);
-        for (int64_t j = 0; j < m; ++j) {
-          _mm512_storeu_ps(buf, tile[2 * j]);
-          _mm512_storeu_ps(buf + 16, tile[2 * j + 1]);
-          for (int64_t n = 0; n < nr; ++n) O[(j0 + j) * n_out + n0 + n] = static_cast<bf16>(buf[n]);
-        }
+        store_pair_tile(tile, m, O + j0 * ldo + 2 * p * 16, ldo, std::min<int64_t>(32, n_out - 2 * p * 16));
       }
     }
   });
 }
+
+// ---- FP8 weights on vdpbf16ps: a task is one block pair (see linear_packed_fp8 below) -------------
+// Up to PT rows meet the weights as they are looked up (e4m3_lookup, one table per scale block), so
+// the e4m3 bytes stream once and no bf16 copy is written; more rows meet the pair dequantized once
+// into per-thread scratch. Either way the dot products are pair_tile's, in its order.
+template <int M>
+inline void pair_tile_fp8(const uint8_t* q0, const uint8_t* q1, const float* s0, const float* s1, int64_t kb2,
+                          const bf16* x, int64_t ldx, int64_t K2, __m512* out) {
+  __m512 acc[2][M];
+  for (int j = 0; j < M; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c * kb2 < K2; ++c) {
+    const E4m3Table t0 = e4m3_table(s0[c]), t1 = e4m3_table(s1[c]);
+    for (int64_t k2 = c * kb2, end = std::min(K2, k2 + kb2); k2 < end; ++k2) {
+      prefetch(q0 + (k2 + 128) * 32, 32);  // 4 KB ahead in each stream
+      prefetch(q1 + (k2 + 128) * 32, 32);
+      pair_step<M>((__m512bh)e4m3_lookup(t0, q0 + k2 * 32), (__m512bh)e4m3_lookup(t1, q1 + k2 * 32), x, ldx, k2, acc);
+    }
+  }
+  for (int j = 0; j < M; ++j) {
+    out[2 * j] = acc[0][j];
+    out[2 * j + 1] = acc[1][j];
+  }
+}
+
+// one block's K2 * 32 e4m3 bytes -> bf16 in the pair layout, a table per kb2 pairs (scale column)
+inline void dequant_block_fp8(const uint8_t* q, const float* s, int64_t kb2, int64_t K2, bf16* dst) {
+  for (int64_t c = 0; c * kb2 < K2; ++c) {
+    const E4m3Table t = e4m3_table(s[c]);
+    for (int64_t k2 = c * kb2, end = std::min(K2, k2 + kb2); k2 < end; ++k2)
+      _mm512_storeu_si512(dst + k2 * 32, e4m3_lookup(t, q + k2 * 32));
+  }
+}
+
+// O [M, n_out] = X . W^T for Q the e4m3 pair layout (NB blocks), block b's scale row at S + row(b) * gc
+void packed_rows_fp8(const bf16* X, int64_t M, int64_t K, const uint8_t* Q, const float* S, int64_t gr, int64_t gc,
+                     int64_t br, int64_t bc, int64_t NB, int64_t n_out, bf16* O) {
+  const int64_t K2 = K / 2, kb2 = bc / 2, per_block = K2 * 32;
+  const auto scales = [&](int64_t b) { return S + std::min(b * 16 / br, gr - 1) * gc; };  // padding rows: zero
+  at::parallel_for(0, NB / 2, 2, [&](int64_t begin, int64_t end) {
+    std::vector<bf16> scratch(M > PT ? 2 * per_block : 0);
+    __m512 tile[2 * PT];
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = 2 * p * 16, nr = std::min<int64_t>(32, n_out - n0);
+      if (nr <= 0) continue;
+      const uint8_t* q0 = Q + 2 * p * per_block;
+      const float *s0 = scales(2 * p), *s1 = scales(2 * p + 1);
+      if (M > PT) {
+        dequant_block_fp8(q0, s0, kb2, K2, scratch.data());
+        dequant_block_fp8(q0 + per_block, s1, kb2, K2, scratch.data() + per_block);
+      }
+      for (int64_t j0 = 0; j0 < M; j0 += PT) {
+        const int64_t m = std::min<int64_t>(PT, M - j0);
+        const bf16* xj = X + j0 * K;
+        if (M > PT) {
+          pair_tile_rows(m, scratch.data(), scratch.data() + per_block, xj, K, K2, tile);
+        } else {
+          switch (m) {
+            case 1: pair_tile_fp8<1>(q0, q0 + per_block, s0, s1, kb2, xj, K, K2, tile); break;
+            case 2: pair_tile_fp8<2>(q0, q0 + per_block, s0, s1, kb2, xj, K, K2, tile); break;
+            case 3: pair_tile_fp8<3>(q0, q0 + per_block, s0, s1, kb2, xj, K, K2, tile); break;
+            case 4: pair_tile_fp8<4>(q0, q0 + per_block, s0, s1, kb2, xj, K, K2, tile); break;
+            case 5: pair_tile_fp8<5>(q0, q0 + per_block, s0, s1, kb2, xj, K, K2, tile); break;
+            default: pair_tile_fp8<6>(q0, q0 + per_block, s0, s1, kb2, xj, K, K2, tile); break;
+          }
+        }
+        store_pair_tile(tile, m, O + j0 * n_out + n0, n_out, nr);
+      }
+    }
+  });
+}
+#define EXPERTMESH_FP8_PAIRS 1
 #elif defined(EXPERTMESH_PAIR_LINEAR)
 // The same pair layout on AVX2 + FMA (no bf16 instructions): a 32-byte load holds the (2 k2,
 // 2 k2 + 1) pairs of 8 outputs; shifting each 32-bit lane left by 16 widens the even k, masking its
@@ -221,8 +299,9 @@ inline void tile_avx2(const bf16* b, const float* wf, const float* x, int64_t K2
   if constexpr (M <= PT_PAIR) packed_tile_avx2<M>(b, x, PT_PAIR, K2, out);
 }
 
-// O [M, n_out] = X [M, K] . W^T for W in the pair layout (NB blocks of 16 outputs)
-void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O) {
+// O [M, n_out] (ldo apart) = X [M, K] . W^T for W in the pair layout (NB blocks of 16 outputs)
+void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB, int64_t n_out, bf16* O,
+                 int64_t ldo) {
   const int64_t K2 = K / 2;
   const bool widen = M >= WIDEN_MIN_ROWS;
   const int64_t pt = widen ? PT_WIDE : PT_PAIR;  // rows per tile and per panel
@@ -264,7 +343,7 @@ void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB,
         for (int64_t j = 0; j < m; ++j) {
           _mm256_storeu_ps(buf, tile[2 * j]);
           _mm256_storeu_ps(buf + 8, tile[2 * j + 1]);
-          bf16* o = O + (m0 + j0 + j) * n_out + n0;
+          bf16* o = O + (m0 + j0 + j) * ldo + n0;
           for (int64_t n = 0; n < nr; ++n) o[n] = static_cast<bf16>(buf[n]);
         }
       }
@@ -272,6 +351,35 @@ void packed_rows(const bf16* X, int64_t M, int64_t K, const bf16* W, int64_t NB,
   });
 }
 #endif
+
+// An e4m3 weight [N, K] with its block scales dequantized whole, in one call: what absorbed attention
+// reads of an FP8-resident kv_b_proj each step (fp8.dequantize_fp8's ~10 torch ops, the same values)
+//   expertmesh::dequantize_fp8(w [N, K] e4m3, scale [ceil(N / br), ceil(K / bc)], br, bc, dtype) -> [N, K]
+at::Tensor dequantize_fp8(const at::Tensor& w, const at::Tensor& scale, int64_t br, int64_t bc, at::ScalarType dtype) {
+  TORCH_CHECK(w.device().is_cpu() && scale.device().is_cpu(), "dequantize_fp8: CPU tensors");
+  TORCH_CHECK(w.scalar_type() == at::kFloat8_e4m3fn && scale.scalar_type() == at::kFloat && w.dim() == 2 &&
+              scale.dim() == 2, "dequantize_fp8: w [N, K] float8_e4m3fn, scale 2-D float32");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "dequantize_fp8: to float32 or bfloat16");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(br > 0 && bc > 0 && scale.size(0) == (N + br - 1) / br && scale.size(1) == (K + bc - 1) / bc,
+              "dequantize_fp8: one scale per ", br, " x ", bc, " block");
+  at::Tensor wc = w.contiguous(), sc = scale.contiguous();
+  at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
+  const auto* Q = static_cast<const uint8_t*>(wc.data_ptr());
+  const float* S = sc.data_ptr<float>();
+  const int64_t gc = scale.size(1);
+  at::parallel_for(0, (N + br - 1) / br, 1, [&](int64_t begin, int64_t end) {  // a task per block-row
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t r0 = g * br, nr = std::min(br, N - r0);
+      const auto grid = [&](int64_t) { return S + g * gc; };
+      if (dtype == at::kBFloat16)
+        dequant_rows(Q + r0 * K, nr, K, grid, bc, out.data_ptr<bf16>() + r0 * K);
+      else
+        dequant_rows(Q + r0 * K, nr, K, grid, bc, out.data_ptr<float>() + r0 * K);
+    }
+  });
+  return out;
+}
 
 #if defined(EXPERTMESH_PAIR_LINEAR)
 inline vec _silu(vec g) { return vdiv(g, vadd(vset1(1.f), vexp(vsub(vzero(), g)))); }
@@ -287,7 +395,64 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_ou
   at::Tensor out = at::empty({x.size(0), n_out}, x.options());
   if (x.size(0) > 0)
     packed_rows(xc.data_ptr<bf16>(), x.size(0), x.size(1), wc.data_ptr<bf16>(), wp.size(0), n_out,
-                out.data_ptr<bf16>());
+                out.data_ptr<bf16>(), n_out);
+  return out;
+}
+
+// ---- FP8-resident linears: e4m3 weights in the pair layout, dequantized a chunk of blocks at a time
+// wq [NB, K/2, 16, 2] float8_e4m3fn is pack_pairs of the checkpoint's e4m3 weight [N, K], scale its
+// weight_scale_inv [ceil(N / br), ceil(K / bc)] fp32. A block's 16 outputs share one scale row (br a
+// multiple of 16) and each (k, k + 1) pair one scale column (bc even), so a block's K2 * 32 bytes
+// dequantize as one run whose scale changes every 16 bc bytes. A chunk of blocks is dequantized
+// into the pair layout's bf16 (the values the dequantize-at-load path packs) and multiplied by
+// packed_rows, so the outputs are bitwise linear_packed's on the dequantized weight. The weight
+// streams at 1 byte each and its bf16 form exists one chunk at a time (L2-sized at decode batches).
+//   expertmesh::linear_packed_fp8(x [M, K] bf16, wq, scale, block_rows, block_cols, n_out) -> [M, n_out]
+constexpr int64_t FP8_CHUNK = 1 << 20;  // weights dequantized per chunk: 2 MB of bf16
+
+at::Tensor linear_packed_fp8(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& scale, int64_t br,
+                             int64_t bc, int64_t n_out) {
+  TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && scale.device().is_cpu(), "linear_packed_fp8: CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wq.scalar_type() == at::kFloat8_e4m3fn &&
+              scale.scalar_type() == at::kFloat, "linear_packed_fp8: x bfloat16, wq float8_e4m3fn, scale float32");
+  TORCH_CHECK(x.dim() == 2 && wq.dim() == 4 && wq.size(2) == 16 && wq.size(3) == 2 && wq.size(0) % 2 == 0 &&
+              scale.dim() == 2, "linear_packed_fp8: x [M, K], wq [N/16, K/2, 16, 2] (even block count), scale 2-D");
+  TORCH_CHECK(wq.size(1) * 2 == x.size(1), "linear_packed_fp8: x's width is the packed K");
+  TORCH_CHECK(br > 0 && br % 16 == 0 && bc > 0 && bc % 2 == 0,
+              "linear_packed_fp8: block rows a multiple of 16 and even block columns, not ", br, " x ", bc);
+  TORCH_CHECK(n_out > 0 && n_out <= wq.size(0) * 16 && scale.size(0) * br >= n_out && scale.size(1) * bc >= x.size(1),
+              "linear_packed_fp8: 0 < n_out <= the packed rows, and a scale for every block");
+  const int64_t M = x.size(0), K = x.size(1), NB = wq.size(0), per_block = K / 2 * 32, gr = scale.size(0),
+                gc = scale.size(1);
+  at::Tensor xc = x.contiguous(), wc = wq.contiguous(), sc = scale.contiguous();
+  at::Tensor out = at::empty({M, n_out}, x.options());
+  if (M == 0) return out;
+#if defined(EXPERTMESH_FP8_PAIRS)
+#if defined(EXPERTMESH_AMX)
+  if (!(M >= AMX_MIN_ROWS && K % 32 == 0 && amx_ready()))  // where packed_rows takes the tile unit: below
+#endif
+  {
+    packed_rows_fp8(xc.data_ptr<bf16>(), M, K, static_cast<const uint8_t*>(wc.data_ptr()), sc.data_ptr<float>(),
+                    gr, gc, br, bc, NB, n_out, out.data_ptr<bf16>());
+    return out;
+  }
+#endif
+  const int64_t chunk = std::min(NB, std::max<int64_t>(4, FP8_CHUNK / per_block / 2 * 2));  // blocks, even
+  at::Tensor scratch = at::empty({chunk * per_block}, x.options());
+  const uint8_t* Q = static_cast<const uint8_t*>(wc.data_ptr());
+  const float* S = sc.data_ptr<float>();
+  bf16* D = scratch.data_ptr<bf16>();
+  for (int64_t b0 = 0; b0 < NB && b0 * 16 < n_out; b0 += chunk) {
+    const int64_t nb = std::min(chunk, NB - b0);
+    at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t row = std::min((b0 + b) * 16 / br, gr - 1);  // the rows padding N to 32 are zero
+        dequant_row(Q + (b0 + b) * per_block, per_block, S + row * gc, 16 * bc, D + b * per_block);
+      }
+    });
+    packed_rows(xc.data_ptr<bf16>(), M, K, D, nb, std::min(nb * 16, n_out - b0 * 16), out.data_ptr<bf16>() + b0 * 16,
+                n_out);
+  }
   return out;
 }
 
@@ -378,17 +543,21 @@ TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
   m.def("has_packed_linear() -> bool", &has_packed_linear);
   m.def("has_amx() -> bool", &has_amx);
   m.def("bmm_small(Tensor x, Tensor w) -> Tensor");
+  m.def("dequantize_fp8(Tensor w, Tensor scale, int block_rows, int block_cols, ScalarType dtype) -> Tensor");
 #if defined(EXPERTMESH_PAIR_LINEAR)
   m.def("linear_packed(Tensor x, Tensor wp, int n_out) -> Tensor");
   m.def("swiglu_packed(Tensor x, Tensor gate_up, Tensor down, int n_out) -> Tensor");
+  m.def("linear_packed_fp8(Tensor x, Tensor wq, Tensor scale, int block_rows, int block_cols, int n_out) -> Tensor");
 #endif
 }
 
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
   m.impl("linear_small", &linear_small);
   m.impl("bmm_small", &bmm_small);
+  m.impl("dequantize_fp8", &dequantize_fp8);
 #if defined(EXPERTMESH_PAIR_LINEAR)
   m.impl("linear_packed", &linear_packed);
   m.impl("swiglu_packed", &swiglu_packed);
+  m.impl("linear_packed_fp8", &linear_packed_fp8);
 #endif
 }

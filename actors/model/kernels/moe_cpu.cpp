@@ -30,6 +30,7 @@
 
 #include "amx.h"
 #include "cpu_vec.h"
+#include "fp8.h"
 #include "pair_gemm.h"
 
 namespace {
@@ -419,41 +420,6 @@ at::Tensor grouped_ffn(const at::Tensor& xs, const at::Tensor& w13, const at::Te
 //                               H/bc], s2 [E, H/br, I/bc] fp32 (cropped edge blocks rounded up),
 //                               block_rows, block_cols, counts [E], max_rows) -> [N, H] (xs' dtype)
 
-// dst[0 : K] = T(e4m3(src[k]) * scale[k / bc]) for one weight row (scale: its block-row's scales).
-// The e4m3 sign, exponent and mantissa bits placed in a bf16's (sign << 15 | bits << 4) are exactly
-// the value times 2^-120 (subnormals included; no checkpoint holds e4m3's NaN), so value = that
-// times 2^120, exact, and one rounded multiply by the scale.
-template <typename T>
-inline void dequant_row(const uint8_t* src, int64_t K, const float* scale, int64_t bc, T* dst) {
-  int64_t k = 0;
-#if defined(__AVX512F__) || defined(__AVX2__)
-  const vec two120 = vset1(0x1p120f);
-  for (; k + VL <= K; k += VL) {
-    if (k / bc != (k + VL - 1) / bc) break;  // a chunk across a block edge: the scalar loop below
-#if defined(__AVX512F__)
-    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
-    const __m512i bits = _mm512_slli_epi32(_mm512_and_si512(_mm512_slli_epi32(v, 4), _mm512_set1_epi32(0x87f0)), 16);
-    const vec w = vmul(vmul(_mm512_castsi512_ps(bits), two120), vset1(scale[k / bc]));
-#else
-    const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k)));
-    const __m256i bits = _mm256_slli_epi32(_mm256_and_si256(_mm256_slli_epi32(v, 4), _mm256_set1_epi32(0x87f0)), 16);
-    const vec w = vmul(vmul(_mm256_castsi256_ps(bits), two120), vset1(scale[k / bc]));
-#endif
-    if constexpr (std::is_same_v<T, float>) {
-      vstore(dst + k, w);
-    } else {
-      alignas(64) float buf[VL];
-      vstore(buf, w);
-      for (int j = 0; j < VL; ++j) dst[k + j] = static_cast<T>(buf[j]);
-    }
-  }
-#endif
-  for (; k < K; ++k) {
-    const float v = static_cast<float>(c10::bit_cast<c10::Float8_e4m3fn>(src[k]));
-    dst[k] = static_cast<T>(v * scale[k / bc]);
-  }
-}
-
 template <typename T>
 at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const uint8_t* W2, const float* S1,
                                 const float* S3, const float* S2, int64_t E, int64_t I, int64_t br, int64_t bc,
@@ -464,15 +430,18 @@ at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const 
   if (N == 0) return out;
   const ExpertSplit sp(counts, max_rows);
   const std::vector<int64_t>&start = sp.start, &small = sp.small, &big = sp.big;
-  // weight row r of expert e's w13 (gate rows, then up rows with their own grid) into dst
-  const auto w13_row = [&](int64_t e, int64_t r, T* dst) {
+  // the scales of weight row r of expert e's w13 (gate rows, then up rows with their own grid) and w2
+  const auto w13_grid = [&](int64_t e, int64_t r) {
     const bool up = r >= I;
-    const int64_t rr = up ? r - I : r;
-    const float* grid = (up ? S3 : S1) + (e * gr1 + rr / br) * gc1;
-    dequant_row(W13 + (e * 2 * I + r) * H, H, grid, bc, dst);
+    return (up ? S3 : S1) + (e * gr1 + (up ? r - I : r) / br) * gc1;
   };
-  const auto w2_row = [&](int64_t e, int64_t h, T* dst) {
-    dequant_row(W2 + (e * H + h) * I, I, S2 + (e * gr2 + h / br) * gc2, bc, dst);
+  const auto w2_grid = [&](int64_t e, int64_t h) { return S2 + (e * gr2 + h / br) * gc2; };
+  // rows [r0, r0 + nr) of expert e's w13 / w2 into dst
+  const auto w13_rows = [&](int64_t e, int64_t r0, int64_t nr, T* dst) {
+    dequant_rows(W13 + (e * 2 * I + r0) * H, nr, H, [&](int64_t r) { return w13_grid(e, r0 + r); }, bc, dst);
+  };
+  const auto w2_rows = [&](int64_t e, int64_t h0, int64_t nr, T* dst) {
+    dequant_rows(W2 + (e * H + h0) * I, nr, I, [&](int64_t h) { return w2_grid(e, h0 + h); }, bc, dst);
   };
   if (!big.empty()) {  // dequantized whole, through the dense experts' big path
     const int64_t B = static_cast<int64_t>(big.size());
@@ -481,8 +450,8 @@ at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const 
     std::vector<int64_t> bcounts(B);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        for (int64_t r = 0; r < 2 * I; ++r) w13_row(big[i], r, d13.data_ptr<T>() + (i * 2 * I + r) * H);
-        for (int64_t h = 0; h < H; ++h) w2_row(big[i], h, d2.data_ptr<T>() + (i * H + h) * I);
+        w13_rows(big[i], 0, 2 * I, d13.data_ptr<T>() + i * 2 * I * H);
+        w2_rows(big[i], 0, H, d2.data_ptr<T>() + i * H * I);
       }
     });
     int64_t at_row = 0;
@@ -501,11 +470,11 @@ at::Tensor grouped_ffn_fp8_impl(const at::Tensor& xs, const uint8_t* W13, const 
   if (small.empty()) return out;
   small_ffn<T>(xs, small, counts, start, sp.widest, I, out, ROW_BLOCK,
             [&](int64_t e, int64_t r0, int64_t nr, T* dst) {
-              for (int64_t r = 0; r < nr; ++r) w13_row(e, r0 + r, dst + r * H);
+              w13_rows(e, r0, nr, dst);
               return static_cast<const T*>(dst);
             },
             [&](int64_t e, int64_t h0, int64_t nr, T* dst) {
-              for (int64_t h = 0; h < nr; ++h) w2_row(e, h0 + h, dst + h * I);
+              w2_rows(e, h0, nr, dst);
               return static_cast<const T*>(dst);
             });
   return out;
@@ -596,40 +565,60 @@ at::Tensor combine(const at::Tensor& outs, const at::Tensor& order, const at::Te
   return out;
 }
 
+// The (token, choice) pairs of ids in stable expert order, and their rows of x gathered
+struct Routed {
+  std::vector<int64_t> counts;  // rows per local expert
+  at::Tensor order;             // [T * k] the pairs' flat indices, expert by expert
+  at::Tensor xs;                // [T * k, H] x's row of each pair, in that order
+};
+
+Routed route_rows(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, int64_t E, int64_t first) {
+  TORCH_CHECK(x.device().is_cpu() && ids.device().is_cpu() && weights.device().is_cpu(), "moe_experts: CPU tensors");
+  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() && ids.size(0) == x.size(0),
+              "moe_experts: x [T, H], ids and weights [T, k]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
+              "moe_experts: ids int64, weights float32");
+  const int64_t T = x.size(0), k = ids.size(1), N = T * k;
+  at::Tensor idc = ids.contiguous();
+  const int64_t* I = idc.data_ptr<int64_t>();
+  Routed r{std::vector<int64_t>(E, 0), at::empty({N}, idc.options()), at::empty({N, x.size(1)}, x.options())};
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t e = I[i] - first;
+    TORCH_CHECK(e >= 0 && e < E, "moe_experts: expert ", I[i], " is not one of [", first, ", ", first + E, ")");
+    ++r.counts[e];
+  }
+  std::vector<int64_t> next(E, 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + r.counts[e - 1];
+  int64_t* O = r.order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) O[next[I[i] - first]++] = i;  // stable: ascending (token, choice) per expert
+  at::Tensor xc = x.contiguous();
+  const int64_t row = x.size(1) * x.element_size();
+  const char* src = static_cast<const char*>(xc.data_ptr());
+  char* dst = static_cast<char*>(r.xs.data_ptr());
+  for (int64_t i = 0; i < N; ++i) std::memcpy(dst + i * row, src + (O[i] / k) * row, row);
+  return r;
+}
+
 // The whole routed-experts step of a MoE layer whose experts all live here, in one call: the
 // (token, choice) pairs in stable expert order, their rows gathered, grouped_ffn, combine. The
 // same values as permute_by_expert + gather_rows + grouped_ffn + combine (experts.py), without
 // their eight small torch ops (~100 us a MoE layer at decode sizes).
 //   expertmesh::moe_experts(x [T, H], ids [T, k] (global expert ids), weights [T, k] fp32,
 //                           w13 [E, 2I, H], w2 [E, H, I], first, max_rows) -> [T, H] fp32
+//   expertmesh::moe_experts_fp8(x, ids, weights, w13, w2 (e4m3), s1, s3, s2, block_rows, block_cols,
+//                               first, max_rows): the same through grouped_ffn_fp8
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w13,
                        const at::Tensor& w2, int64_t first, int64_t max_rows) {
-  TORCH_CHECK(x.device().is_cpu() && ids.device().is_cpu() && weights.device().is_cpu(), "moe_experts: CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() && ids.size(0) == x.size(0),
-              "moe_experts: x [T, H], ids and weights [T, k]");
-  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
-              "moe_experts: ids int64, weights float32");
-  const int64_t T = x.size(0), k = ids.size(1), E = w13.size(0), N = T * k;
-  at::Tensor idc = ids.contiguous();
-  const int64_t* I = idc.data_ptr<int64_t>();
-  std::vector<int64_t> counts(E, 0);
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t e = I[i] - first;
-    TORCH_CHECK(e >= 0 && e < E, "moe_experts: expert ", I[i], " is not one of [", first, ", ", first + E, ")");
-    ++counts[e];
-  }
-  std::vector<int64_t> next(E, 0);
-  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + counts[e - 1];
-  at::Tensor order = at::empty({N}, idc.options());
-  int64_t* O = order.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i) O[next[I[i] - first]++] = i;  // stable: ascending (token, choice) per expert
-  at::Tensor xs = at::empty({N, x.size(1)}, x.options());
-  at::Tensor xc = x.contiguous();
-  const int64_t row = x.size(1) * x.element_size();
-  const char* src = static_cast<const char*>(xc.data_ptr());
-  char* dst = static_cast<char*>(xs.data_ptr());
-  for (int64_t i = 0; i < N; ++i) std::memcpy(dst + i * row, src + (O[i] / k) * row, row);
-  return combine(grouped_ffn(xs, w13, w2, counts, max_rows), order, weights);
+  const Routed r = route_rows(x, ids, weights, w13.size(0), first);
+  return combine(grouped_ffn(r.xs, w13, w2, r.counts, max_rows), r.order, weights);
+}
+
+at::Tensor moe_experts_fp8(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w13,
+                           const at::Tensor& w2, const at::Tensor& s1, const at::Tensor& s3, const at::Tensor& s2,
+                           int64_t block_rows, int64_t block_cols, int64_t first, int64_t max_rows) {
+  const Routed r = route_rows(x, ids, weights, w13.size(0), first);
+  return combine(grouped_ffn_fp8(r.xs, w13, w2, s1, s3, s2, block_rows, block_cols, r.counts, max_rows), r.order,
+                 weights);
 }
 
 // Which vector width this build runs: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar).
@@ -654,6 +643,8 @@ TORCH_LIBRARY(expertmesh, m) {
   m.def("has_pair_experts() -> bool", &has_pair_experts);
   m.def("grouped_ffn_fp8(Tensor xs, Tensor w13, Tensor w2, Tensor s1, Tensor s3, Tensor s2, int block_rows, "
         "int block_cols, int[] counts, int max_rows) -> Tensor");
+  m.def("moe_experts_fp8(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor w2, Tensor s1, Tensor s3, "
+        "Tensor s2, int block_rows, int block_cols, int first, int max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
@@ -661,4 +652,5 @@ TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
   m.impl("combine", &combine);
   m.impl("moe_experts", &moe_experts);
   m.impl("grouped_ffn_fp8", &grouped_ffn_fp8);
+  m.impl("moe_experts_fp8", &moe_experts_fp8);
 }
