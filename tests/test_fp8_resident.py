@@ -121,6 +121,28 @@ def test_linear_packed_fp8_is_bitwise_the_pair_kernel_on_the_dequantized_weight(
         ops.linear_packed_fp8(x, packed, s[:, :-1], br, bc, n)
 
 
+def test_swiglu_packed_fp8_is_bitwise_the_dense_swiglu():
+    """An FP8 SwiGLU in one call (gate and up stacked with their scale rows) against swiglu_packed on
+    the dequantized weights, at one row, six, and past six."""
+    from expertmesh.actors.model.kernels import cpu_kernels, pack_pairs
+
+    ops = cpu_kernels()
+    if ops is None or not hasattr(ops, "swiglu_packed_fp8"):
+        pytest.skip("no FP8 pair linear in this build")
+    gen = torch.Generator().manual_seed(3)
+    hidden, inter = 200, 256
+    gate, up, down = (quantize_fp8(torch.randn(shape, generator=gen) * 0.05)
+                      for shape in ((inter, hidden), (inter, hidden), (hidden, inter)))
+    deq = lambda qs: dequantize_fp8(*qs, (128, 128)).to(torch.bfloat16)  # noqa: E731
+    e4m3 = lambda w: pack_pairs(w.view(torch.uint8)).view(torch.float8_e4m3fn)  # noqa: E731
+    for m in (1, 6, 19):
+        x = torch.randn(m, hidden, generator=gen).to(torch.bfloat16)
+        want = ops.swiglu_packed(x, pack_pairs(torch.cat([deq(gate), deq(up)])), pack_pairs(deq(down)), hidden)
+        got = ops.swiglu_packed_fp8(x, e4m3(torch.cat([gate[0], up[0]])), torch.cat([gate[1], up[1]]), e4m3(down[0]),
+                                    down[1], 128, 128, hidden)
+        assert torch.equal(got, want), m
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_fp8_kernel_is_the_torch_dequantization(dtype):
     """The kernels' one-call dequantization (an FP8 kv_b_proj's, each step): the values of
@@ -142,7 +164,7 @@ def test_dequantize_fp8_kernel_is_the_torch_dequantization(dtype):
 def test_fp8_linears_run_on_the_pair_kernel_with_the_cpu_kernels(tiny_fp8_ckpt):
     """A bf16 worker with the kernels keeps its FP8 projections in e4m3 pairs (kv_b_proj excepted:
     absorbed attention reads its dequantized weight)."""
-    from expertmesh.actors.model.fp8 import PairPackedFp8Linear
+    from expertmesh.actors.model.fp8 import PairPackedFp8Linear, PairPackedFp8SwiGLU
     from expertmesh.actors.model.kernels import cpu_kernels
 
     ops = cpu_kernels()
@@ -150,7 +172,11 @@ def test_fp8_linears_run_on_the_pair_kernel_with_the_cpu_kernels(tiny_fp8_ckpt):
         pytest.skip("no FP8 pair linear in this build")
     model = _worker(tiny_fp8_ckpt, "bfloat16", True).model
     packed = {name for name, m in model.named_modules() if isinstance(m, PairPackedFp8Linear)}
-    assert any(name.endswith("o_proj") for name in packed) and any(name.endswith("down_proj") for name in packed)
+    assert any(name.endswith("o_proj") for name in packed)
+    # the dense layer's MLP (intermediate 128: whole block-rows) in one call; the shared experts'
+    # (160: up's scale rows would start mid-block) as three linears
+    assert isinstance(model.layers[0].mlp, PairPackedFp8SwiGLU)
+    assert any(name.endswith("shared_experts.down_proj") for name in packed)
     assert all(isinstance(layer.self_attn.kv_b_proj, Fp8Linear) for layer in model.layers)
     assert all(p.dtype == torch.float8_e4m3fn for name, p in model.named_parameters() if name.endswith(".packed")
                and any(name.startswith(n + ".") for n in packed))

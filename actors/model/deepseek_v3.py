@@ -14,7 +14,7 @@ from ..forward_batch import ForwardBatch
 from ..kv_cache import MLAKVCache
 from .attention import MLAttention
 from .config import ModelConfig
-from .fp8 import FP8_DTYPES, Fp8Tensor, PairPackedFp8Linear, convert_linears, pair_pack_fp8_linears, tensor_bytes
+from .fp8 import FP8_DTYPES, Fp8Tensor, PairPackedFp8Linear, PairPackedFp8SwiGLU, convert_linears, pair_pack_fp8_linears, tensor_bytes
 from .gate import NoAuxTCGate
 from .greedy_head import ScreenedHead
 from .int8 import Int8Linear
@@ -155,7 +155,8 @@ class DeepseekV3Model(nn.Module):
         pair_packed = {f"{name}.packed" for name, mod in self.named_modules() if isinstance(mod, PairPackedLinear)}
         pair_packed |= {f"{name}.{p}" for name, mod in self.named_modules() if isinstance(mod, PackedSwiGLU)
                         for p in ("gate_up", "down")}
-        pair_packed |= {f"{name}.packed" for name, mod in self.named_modules() if isinstance(mod, PairPackedFp8Linear)}
+        pair_packed |= {f"{name}.{p}" for name, mod in self.named_modules()
+                        if isinstance(mod, (PairPackedFp8Linear, PairPackedFp8SwiGLU)) for p in mod.PACKED}
         for name, p in self.named_parameters():
             if name in pair_packed:  # counted below at their dense size, as oneDNN's packed weights
                 continue
@@ -170,8 +171,8 @@ class DeepseekV3Model(nn.Module):
                 out["dense"] += mod.in_features * mod.out_features * 2
             elif isinstance(mod, PackedSwiGLU):
                 out["dense"] += mod.dense_bytes
-            elif isinstance(mod, PairPackedFp8Linear):  # e4m3 pairs: one byte a weight (rows padded to 32)
-                out["fp8"] += mod.in_features * mod.out_features
+            elif isinstance(mod, (PairPackedFp8Linear, PairPackedFp8SwiGLU)):  # e4m3 pairs (rows padded to 32)
+                out["fp8"] += mod.fp8_bytes
             elif isinstance(mod, Int8Linear):
                 out["int8"] = out.get("int8", 0) + mod.weight_bytes
             elif isinstance(mod, ScreenedHead):  # not dense: its int8 copy is the extra the screen costs

@@ -137,6 +137,8 @@ class PairPackedFp8Linear(nn.Module):
     the bf16 pair kernel 1.15-1.25x at 1 row on R1's shapes (half the bytes), 0.6-0.8x on `small`'s
     cache-resident ones."""
 
+    PACKED = ("packed",)
+
     def __init__(self, linear: Fp8Linear, ops):
         super().__init__()
         from .kernels import pack_pairs
@@ -156,6 +158,11 @@ class PairPackedFp8Linear(nn.Module):
                 and linear.block[0] % 16 == 0 and linear.block[1] % 2 == 0 and ops is not None
                 and hasattr(ops, "linear_packed_fp8"))
 
+    @property
+    def fp8_bytes(self) -> int:
+        """The e4m3 weight at its unpadded size: one byte a weight."""
+        return self.in_features * self.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = self.ops.linear_packed_fp8(x.reshape(-1, self.in_features), self.packed, self.weight_scale_inv,
@@ -164,6 +171,50 @@ class PairPackedFp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {self.block}, pairs"
+
+
+class PairPackedFp8SwiGLU(nn.Module):
+    """A DenseMLP (dense layer or shared experts) of three Fp8Linears held as e4m3 pairs, gate and up
+    as one weight (their rows and scale rows stacked), run by the kernels' `swiglu_packed_fp8` in one
+    call: PackedSwiGLU's roundings on the dequantize-at-load values, bitwise."""
+
+    PACKED = ("gate_up", "down")
+
+    def __init__(self, mlp: nn.Module, ops):
+        super().__init__()
+        from .kernels import pack_pairs
+
+        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.hidden, self.intermediate, self.out_features = gate.in_features, gate.out_features, down.out_features
+        self.block, self.ops = gate.block, ops
+        e4m3 = lambda w: pack_pairs(w.view(torch.uint8)).view(torch.float8_e4m3fn)  # noqa: E731
+        self.gate_up = nn.Parameter(e4m3(torch.cat([gate.weight, up.weight])), requires_grad=False)
+        self.gate_up_scale_inv = nn.Parameter(torch.cat([gate.weight_scale_inv, up.weight_scale_inv]),
+                                              requires_grad=False)
+        self.down = nn.Parameter(e4m3(down.weight), requires_grad=False)
+        self.down_scale_inv = down.weight_scale_inv
+
+    @staticmethod
+    def fits(mlp: nn.Module, ops) -> bool:
+        """Three pair-packable Fp8Linears with one block shape, the gate's rows whole block-rows (so
+        up's scale rows follow gate's)."""
+        lins = (getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None), getattr(mlp, "down_proj", None))
+        return (all(PairPackedFp8Linear.fits(lin, ops) for lin in lins) and hasattr(ops, "swiglu_packed_fp8")
+                and len({lin.block for lin in lins}) == 1 and lins[0].out_features % lins[0].block[0] == 0)
+
+    @property
+    def fp8_bytes(self) -> int:
+        """The three e4m3 weights at their unpadded size: one byte a weight."""
+        return (2 * self.hidden + self.out_features) * self.intermediate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.ops.swiglu_packed_fp8(x.reshape(-1, self.hidden), self.gate_up, self.gate_up_scale_inv, self.down,
+                                       self.down_scale_inv, self.block[0], self.block[1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, intermediate={self.intermediate}, fp8 blocks {self.block}, pairs"
 
 
 def convert_linears(model: nn.Module, is_fp8, block: tuple[int, int], dtype: torch.dtype) -> int:
@@ -176,16 +227,21 @@ def convert_linears(model: nn.Module, is_fp8, block: tuple[int, int], dtype: tor
 
 
 def pair_pack_fp8_linears(model: nn.Module, ops, keep: tuple[str, ...] = ()) -> int:
-    """After loading: every Fp8Linear the CPU kernels' FP8 pair linear can take becomes a
-    PairPackedFp8Linear, except modules whose name ends with one of `keep` (kv_b_proj: absorbed
-    attention reads its dequantized weight each step, through the kernels' `dequantize_fp8`).
-    Returns how many were packed."""
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if PairPackedFp8Linear.fits(mod, ops) and not name.endswith(keep)]
+    """After loading: every DenseMLP of FP8 linears becomes a PairPackedFp8SwiGLU and every other
+    Fp8Linear the kernels' FP8 pair linear can take a PairPackedFp8Linear, except modules whose
+    name ends with one of `keep` (kv_b_proj: absorbed attention reads its dequantized weight each
+    step, through the kernels' `dequantize_fp8`). Returns how many modules were packed."""
+    from .layers import DenseMLP
+
     for name, mod in model.named_modules():  # those kept dequantize through the kernels
         if type(mod) is Fp8Linear and mod.weight.device.type == "cpu" and name.endswith(keep):
             mod.kernel = ops
-    return replace_modules(model, targets, lambda mod: PairPackedFp8Linear(mod, ops))
+    mlps = [(name, mod) for name, mod in model.named_modules()
+            if type(mod) is DenseMLP and PairPackedFp8SwiGLU.fits(mod, ops)]
+    n = replace_modules(model, mlps, lambda mod: PairPackedFp8SwiGLU(mod, ops))  # one call an MLP
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if PairPackedFp8Linear.fits(mod, ops) and not name.endswith(keep)]
+    return n + replace_modules(model, targets, lambda mod: PairPackedFp8Linear(mod, ops))
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -456,17 +456,9 @@ at::Tensor linear_packed_fp8(const at::Tensor& x, const at::Tensor& wq, const at
   return out;
 }
 
-// A SwiGLU MLP (dense layers, shared experts) in one call: gate and up as one packed weight (gate
-// rows then up rows), silu(gate) * up, then down. The reference's roundings: gate and up to bf16,
-// silu to bf16, the product to bf16, the output. At decode sizes its five torch-level calls were
-// ~90 us of a ~100 us shared expert (cold).
-//   expertmesh::swiglu_packed(x [M, K], gate_up (pack_pairs of [2I, K]), down (pack_pairs of
-//                             [N, I]), n_out) -> [M, N]
-at::Tensor swiglu_packed(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t n_out) {
-  TORCH_CHECK(down.dim() == 4 && gate_up.dim() == 4 && gate_up.size(0) * 16 >= 4 * down.size(1),
-              "swiglu_packed: gate_up packs 2I rows (gate then up) for down's I inputs");
-  const int64_t I = down.size(1) * 2;
-  at::Tensor gu = linear_packed(x, gate_up, 2 * I);
+// silu(gate) * up for the rows of gu [M, 2I] (gate columns, then up), with the reference's
+// roundings: gate and up are bf16 already, silu to bf16, the product to bf16
+at::Tensor swiglu_act(const at::Tensor& gu, int64_t I) {
   const int64_t M = gu.size(0);
   at::Tensor act = at::empty({M, I}, gu.options());
   const bf16* G = gu.data_ptr<bf16>();
@@ -477,19 +469,40 @@ at::Tensor swiglu_packed(const at::Tensor& x, const at::Tensor& gate_up, const a
       const bf16* u = g + I;
       bf16* a = A + m * I;
       int64_t i = 0;
-      alignas(64) float buf[VL];
-      for (; i + VL <= I; i += VL) {
-        const vec gv = vload(g + i);
-        vstore(buf, vmul(vround_bf16(_silu(gv)), vload(u + i)));
-        for (int j = 0; j < VL; ++j) a[i + j] = static_cast<bf16>(buf[j]);
-      }
+      for (; i + VL <= I; i += VL) vstore_bf16(a + i, vmul(vround_bf16(_silu(vload(g + i))), vload(u + i)));
       for (; i < I; ++i) {
         const float gf = static_cast<float>(g[i]);
         a[i] = static_cast<bf16>(round_as<bf16>(gf / (1.f + std::exp(-gf))) * static_cast<float>(u[i]));
       }
     }
   });
-  return linear_packed(act, down, n_out);
+  return act;
+}
+
+// A SwiGLU MLP (dense layers, shared experts) in one call: gate and up as one packed weight (gate
+// rows then up rows), silu(gate) * up, then down. The reference's roundings: gate and up to bf16,
+// silu to bf16, the product to bf16, the output. At decode sizes its five torch-level calls were
+// ~90 us of a ~100 us shared expert (cold).
+//   expertmesh::swiglu_packed(x [M, K], gate_up (pack_pairs of [2I, K]), down (pack_pairs of
+//                             [N, I]), n_out) -> [M, N]
+//   expertmesh::swiglu_packed_fp8(x, gate_up, gate_up_scale, down, down_scale, block_rows,
+//                                 block_cols, n_out): the same with FP8-resident weights (e4m3 pairs,
+//                                 linear_packed_fp8), gate_up's scale rows those of gate, then up
+at::Tensor swiglu_packed(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t n_out) {
+  TORCH_CHECK(down.dim() == 4 && gate_up.dim() == 4 && gate_up.size(0) * 16 >= 4 * down.size(1),
+              "swiglu_packed: gate_up packs 2I rows (gate then up) for down's I inputs");
+  const int64_t I = down.size(1) * 2;
+  return linear_packed(swiglu_act(linear_packed(x, gate_up, 2 * I), I), down, n_out);
+}
+
+at::Tensor swiglu_packed_fp8(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& gate_up_scale,
+                             const at::Tensor& down, const at::Tensor& down_scale, int64_t br, int64_t bc,
+                             int64_t n_out) {
+  TORCH_CHECK(down.dim() == 4 && gate_up.dim() == 4 && gate_up.size(0) * 16 >= 4 * down.size(1),
+              "swiglu_packed_fp8: gate_up packs 2I rows (gate then up) for down's I inputs");
+  const int64_t I = down.size(1) * 2;
+  at::Tensor gu = linear_packed_fp8(x, gate_up, gate_up_scale, br, bc, 2 * I);
+  return linear_packed_fp8(swiglu_act(gu, I), down, down_scale, br, bc, n_out);
 }
 #endif
 
@@ -548,6 +561,8 @@ TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
   m.def("linear_packed(Tensor x, Tensor wp, int n_out) -> Tensor");
   m.def("swiglu_packed(Tensor x, Tensor gate_up, Tensor down, int n_out) -> Tensor");
   m.def("linear_packed_fp8(Tensor x, Tensor wq, Tensor scale, int block_rows, int block_cols, int n_out) -> Tensor");
+  m.def("swiglu_packed_fp8(Tensor x, Tensor gate_up, Tensor gate_up_scale, Tensor down, Tensor down_scale, "
+        "int block_rows, int block_cols, int n_out) -> Tensor");
 #endif
 }
 
@@ -559,5 +574,6 @@ TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
   m.impl("linear_packed", &linear_packed);
   m.impl("swiglu_packed", &swiglu_packed);
   m.impl("linear_packed_fp8", &linear_packed_fp8);
+  m.impl("swiglu_packed_fp8", &swiglu_packed_fp8);
 #endif
 }
