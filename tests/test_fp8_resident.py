@@ -163,14 +163,17 @@ def test_dequantize_fp8_kernel_is_the_torch_dequantization(dtype):
 
 def test_fp8_linears_run_on_the_pair_kernel_with_the_cpu_kernels(tiny_fp8_ckpt):
     """A bf16 worker with the kernels keeps its FP8 projections in e4m3 pairs (kv_b_proj excepted:
-    absorbed attention reads its dequantized weight)."""
+    absorbed attention reads its dequantized weight, made once per attention call and not kept)."""
     from expertmesh.actors.model.fp8 import PairPackedFp8Linear, PairPackedFp8SwiGLU
     from expertmesh.actors.model.kernels import cpu_kernels
 
     ops = cpu_kernels()
     if ops is None or not hasattr(ops, "linear_packed_fp8"):
         pytest.skip("no FP8 pair linear in this build")
-    model = _worker(tiny_fp8_ckpt, "bfloat16", True).model
+    worker = _worker(tiny_fp8_ckpt, "bfloat16", True)
+    model = worker.model
+    prefill_then_decode(worker, SHORT[:1], steps=1)  # kv_b_proj dequantized once a call, then dropped
+    assert all(layer.self_attn._call_absorbed is None for layer in model.layers)
     packed = {name for name, m in model.named_modules() if isinstance(m, PairPackedFp8Linear)}
     assert any(name.endswith("o_proj") for name in packed)
     # the dense layer's MLP (intermediate 128: whole block-rows) in one call; the shared experts'

@@ -52,6 +52,8 @@ class MLAttention(nn.Module):
         self.scale = softmax_scale(config)
         self._absorbed_key: tuple[int, int] | None = None
         self._w_uk: torch.Tensor | None = None  # [heads, nope, rank]
+        # an FP8-resident kv_b_proj's split, dequantized once per forward call and dropped after it
+        self._call_absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._w_uv_t: torch.Tensor | None = None  # [heads, rank, v]
         # the CPU kernels' ops (kernels/mla_cpu.cpp) once `use_kernel` found them; None: torch's ops
         self.kernel = None
@@ -108,6 +110,13 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x, batch, kv, rope, cos, sin)
+        finally:
+            self._call_absorbed = None  # an FP8 kv_b_proj's dequantized copy lives for one call only
+
+    def _forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
+                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         if self._fused_rows(x, cos):
             a = self.qkv_a(x)
@@ -181,8 +190,10 @@ class MLAttention(nn.Module):
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into W_UK [heads, nope, rank] and W_UV^T [heads, rank, v], as
         contiguous bmm operands, rebuilt only when the weight changes."""
-        if isinstance(self.kv_b_proj, Fp8Linear):  # FP8 resident: dequantized per step, never cached
-            return self._split_absorbed(self.kv_b_proj.dequantized())
+        if isinstance(self.kv_b_proj, Fp8Linear):  # FP8 resident: dequantized once a call, never kept
+            if self._call_absorbed is None:
+                self._call_absorbed = self._split_absorbed(self.kv_b_proj.dequantized())
+            return self._call_absorbed
         weight = self.kv_b_proj.weight
         key = (weight.data_ptr(), weight._version)
         if self._absorbed_key != key or self._w_uk is None or self._w_uv_t is None:
