@@ -15,7 +15,7 @@ from expertmesh.actors.loader import CheckpointReader, fp8_by_convention, needed
 from expertmesh.actors.model import fp8 as fp8_mod
 from expertmesh.actors.model.config import ModelConfig
 from expertmesh.actors.model.experts import ExpertWeights
-from expertmesh.actors.model.fp8 import Fp8Linear, dequantize_fp8
+from expertmesh.actors.model.fp8 import Fp8Linear, dequantize_fp8, pack_e4m3_pairs
 from expertmesh.actors.worker import ModelWorker, WorkerSpec, expert_range
 from expertmesh.cluster.devtools.checkpoints import quantize_fp8
 from expertmesh.cluster.engine.engine import Engine, EngineConfig
@@ -111,7 +111,7 @@ def test_linear_packed_fp8_is_bitwise_the_pair_kernel_on_the_dequantized_weight(
     q = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)  # subnormals to 448
     s = torch.rand(-(-n // br), -(-k // bc), generator=gen) * 1e-2 + 1e-5
     dense = pack_pairs(dequantize_fp8(q, s, (br, bc)).to(torch.bfloat16))
-    packed = pack_pairs(q.view(torch.uint8)).view(torch.float8_e4m3fn)
+    packed = pack_e4m3_pairs(q)
     for m in (0, 1, 2, 5, 6, 7, 33):
         x = torch.randn(m, dense.shape[1] * 2, generator=gen).to(torch.bfloat16)
         assert torch.equal(ops.linear_packed_fp8(x, packed, s, br, bc, n), ops.linear_packed(x, dense, n)), m
@@ -134,11 +134,10 @@ def test_swiglu_packed_fp8_is_bitwise_the_dense_swiglu():
     gate, up, down = (quantize_fp8(torch.randn(shape, generator=gen) * 0.05)
                       for shape in ((inter, hidden), (inter, hidden), (hidden, inter)))
     deq = lambda qs: dequantize_fp8(*qs, (128, 128)).to(torch.bfloat16)  # noqa: E731
-    e4m3 = lambda w: pack_pairs(w.view(torch.uint8)).view(torch.float8_e4m3fn)  # noqa: E731
     for m in (1, 6, 19):
         x = torch.randn(m, hidden, generator=gen).to(torch.bfloat16)
         want = ops.swiglu_packed(x, pack_pairs(torch.cat([deq(gate), deq(up)])), pack_pairs(deq(down)), hidden)
-        got = ops.swiglu_packed_fp8(x, e4m3(torch.cat([gate[0], up[0]])), torch.cat([gate[1], up[1]]), e4m3(down[0]),
+        got = ops.swiglu_packed_fp8(x, pack_e4m3_pairs(torch.cat([gate[0], up[0]])), torch.cat([gate[1], up[1]]), pack_e4m3_pairs(down[0]),
                                     down[1], 128, 128, hidden)
         assert torch.equal(got, want), m
 

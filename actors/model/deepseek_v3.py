@@ -14,7 +14,8 @@ from ..forward_batch import ForwardBatch
 from ..kv_cache import MLAKVCache
 from .attention import MLAttention
 from .config import ModelConfig
-from .fp8 import FP8_DTYPES, Fp8Tensor, PairPackedFp8Linear, PairPackedFp8SwiGLU, convert_linears, pair_pack_fp8_linears, tensor_bytes
+from .fp8 import (FP8_DTYPES, Fp8Tensor, PairPackedFp8Linear, PairPackedFp8SwiGLU, convert_linears,
+                  pair_pack_fp8_linears, tensor_bytes)
 from .gate import NoAuxTCGate
 from .greedy_head import ScreenedHead
 from .int8 import Int8Linear

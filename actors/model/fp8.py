@@ -128,6 +128,13 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks {self.block}"
 
 
+def pack_e4m3_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """An e4m3 [N, K] weight's bytes in the CPU kernels' pair layout (kernels.pack_pairs)."""
+    from .kernels import pack_pairs
+
+    return pack_pairs(weight.view(torch.uint8)).view(torch.float8_e4m3fn)
+
+
 class PairPackedFp8Linear(nn.Module):
     """An Fp8Linear held in the CPU kernels' pair layout (its e4m3 bytes through kernels.pack_pairs,
     rows padded to 32) beside its block scales, run by their `linear_packed_fp8`: the weights stream
@@ -141,12 +148,9 @@ class PairPackedFp8Linear(nn.Module):
 
     def __init__(self, linear: Fp8Linear, ops):
         super().__init__()
-        from .kernels import pack_pairs
-
         self.in_features, self.out_features, self.block = linear.in_features, linear.out_features, linear.block
         self.ops = ops
-        self.packed = nn.Parameter(pack_pairs(linear.weight.view(torch.uint8)).view(torch.float8_e4m3fn),
-                                   requires_grad=False)
+        self.packed = nn.Parameter(pack_e4m3_pairs(linear.weight), requires_grad=False)
         self.weight_scale_inv = linear.weight_scale_inv
 
     @staticmethod
@@ -182,16 +186,13 @@ class PairPackedFp8SwiGLU(nn.Module):
 
     def __init__(self, mlp: nn.Module, ops):
         super().__init__()
-        from .kernels import pack_pairs
-
         gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.hidden, self.intermediate, self.out_features = gate.in_features, gate.out_features, down.out_features
         self.block, self.ops = gate.block, ops
-        e4m3 = lambda w: pack_pairs(w.view(torch.uint8)).view(torch.float8_e4m3fn)  # noqa: E731
-        self.gate_up = nn.Parameter(e4m3(torch.cat([gate.weight, up.weight])), requires_grad=False)
+        self.gate_up = nn.Parameter(pack_e4m3_pairs(torch.cat([gate.weight, up.weight])), requires_grad=False)
         self.gate_up_scale_inv = nn.Parameter(torch.cat([gate.weight_scale_inv, up.weight_scale_inv]),
                                               requires_grad=False)
-        self.down = nn.Parameter(e4m3(down.weight), requires_grad=False)
+        self.down = nn.Parameter(pack_e4m3_pairs(down.weight), requires_grad=False)
         self.down_scale_inv = down.weight_scale_inv
 
     @staticmethod
@@ -223,7 +224,7 @@ def convert_linears(model: nn.Module, is_fp8, block: tuple[int, int], dtype: tor
     targets = [(name, mod) for name, mod in model.named_modules()
                if type(mod) is nn.Linear and mod.bias is None and is_fp8(name)]
     return replace_modules(model, targets,
-                    lambda mod: Fp8Linear(mod.in_features, mod.out_features, block, dtype, mod.weight.device))
+                           lambda mod: Fp8Linear(mod.in_features, mod.out_features, block, dtype, mod.weight.device))
 
 
 def pair_pack_fp8_linears(model: nn.Module, ops, keep: tuple[str, ...] = ()) -> int:

@@ -87,7 +87,6 @@ inline __m512i e4m3_lookup(const E4m3Table& table, const uint8_t* src) {
 }
 #endif
 
-
 // rows [0, nr) of an e4m3 weight (K bytes apart from src) -> T rows (K apart from dst), row r's
 // scales at grid(r) (its block-row's). In bf16 on AVX512BW, rows sharing a scale row take one table
 // per scale column; elsewhere dequant_row row by row. The same values either way.
@@ -104,8 +103,7 @@ inline void dequant_rows(const uint8_t* src, int64_t nr, int64_t K, Grid grid, i
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t k = k0; k < kv; k += 32)
             _mm512_storeu_si512(dst + r * K + k, e4m3_lookup(t, src + r * K + k));
-          for (int64_t k = kv; k < k1; ++k)
-            dst[r * K + k] = static_cast<T>(static_cast<float>(c10::bit_cast<c10::Float8_e4m3fn>(src[r * K + k])) * g[c]);
+          dequant_row(src + r * K + kv, k1 - kv, g + c, bc, dst + r * K + kv);  // a tail short of 32
         }
       }
     }

@@ -31,6 +31,19 @@ using namespace expertmesh_cpu;
 
 constexpr int64_t BLOCK = 256;  // weight rows per task
 
+// ---- FP8 weights in the pair layout (linear_packed_fp8 below) ------------------------------------
+// The scale row of pair-layout block b (16 outputs, br a multiple of 16); the zero rows padding N
+// to 32 take the last one
+inline const float* fp8_block_scales(const float* S, int64_t b, int64_t br, int64_t gr, int64_t gc) {
+  return S + std::min(b * 16 / br, gr - 1) * gc;
+}
+
+// one pair-layout block's per_block e4m3 bytes -> bf16: one run of weights whose scale column changes
+// every 16 bc of them (a (k, k + 1) pair of 16 outputs per 32 bytes)
+inline void dequant_pair_block(const uint8_t* q, const float* scales, int64_t bc, int64_t per_block, bf16* dst) {
+  dequant_rows(q, 1, per_block, [&](int64_t) { return scales; }, 16 * bc, dst);
+}
+
 template <typename T>
 void linear_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -160,20 +173,11 @@ inline void pair_tile_fp8(const uint8_t* q0, const uint8_t* q1, const float* s0,
   }
 }
 
-// one block's K2 * 32 e4m3 bytes -> bf16 in the pair layout, a table per kb2 pairs (scale column)
-inline void dequant_block_fp8(const uint8_t* q, const float* s, int64_t kb2, int64_t K2, bf16* dst) {
-  for (int64_t c = 0; c * kb2 < K2; ++c) {
-    const E4m3Table t = e4m3_table(s[c]);
-    for (int64_t k2 = c * kb2, end = std::min(K2, k2 + kb2); k2 < end; ++k2)
-      _mm512_storeu_si512(dst + k2 * 32, e4m3_lookup(t, q + k2 * 32));
-  }
-}
-
 // O [M, n_out] = X . W^T for Q the e4m3 pair layout (NB blocks), block b's scale row at S + row(b) * gc
 void packed_rows_fp8(const bf16* X, int64_t M, int64_t K, const uint8_t* Q, const float* S, int64_t gr, int64_t gc,
                      int64_t br, int64_t bc, int64_t NB, int64_t n_out, bf16* O) {
   const int64_t K2 = K / 2, kb2 = bc / 2, per_block = K2 * 32;
-  const auto scales = [&](int64_t b) { return S + std::min(b * 16 / br, gr - 1) * gc; };  // padding rows: zero
+  const auto scales = [&](int64_t b) { return fp8_block_scales(S, b, br, gr, gc); };
   at::parallel_for(0, NB / 2, 2, [&](int64_t begin, int64_t end) {
     std::vector<bf16> scratch(M > PT ? 2 * per_block : 0);
     __m512 tile[2 * PT];
@@ -183,8 +187,8 @@ void packed_rows_fp8(const bf16* X, int64_t M, int64_t K, const uint8_t* Q, cons
       const uint8_t* q0 = Q + 2 * p * per_block;
       const float *s0 = scales(2 * p), *s1 = scales(2 * p + 1);
       if (M > PT) {
-        dequant_block_fp8(q0, s0, kb2, K2, scratch.data());
-        dequant_block_fp8(q0 + per_block, s1, kb2, K2, scratch.data() + per_block);
+        dequant_pair_block(q0, s0, bc, per_block, scratch.data());
+        dequant_pair_block(q0 + per_block, s1, bc, per_block, scratch.data() + per_block);
       }
       for (int64_t j0 = 0; j0 < M; j0 += PT) {
         const int64_t m = std::min<int64_t>(PT, M - j0);
@@ -403,10 +407,12 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, int64_t n_ou
 // wq [NB, K/2, 16, 2] float8_e4m3fn is pack_pairs of the checkpoint's e4m3 weight [N, K], scale its
 // weight_scale_inv [ceil(N / br), ceil(K / bc)] fp32. A block's 16 outputs share one scale row (br a
 // multiple of 16) and each (k, k + 1) pair one scale column (bc even), so a block's K2 * 32 bytes
-// dequantize as one run whose scale changes every 16 bc bytes. A chunk of blocks is dequantized
-// into the pair layout's bf16 (the values the dequantize-at-load path packs) and multiplied by
-// packed_rows, so the outputs are bitwise linear_packed's on the dequantized weight. The weight
-// streams at 1 byte each and its bf16 form exists one chunk at a time (L2-sized at decode batches).
+// dequantize as one run whose scale changes every 16 bc bytes, to the values the dequantize-at-load
+// path packs. On AVX512-BF16 (packed_rows_fp8) a task is one block pair, looked up inside the tile
+// or dequantized once into per-thread scratch; elsewhere (AVX2, AMX's tile rows) a chunk of blocks
+// is dequantized and handed to packed_rows. Either way the outputs are bitwise linear_packed's on
+// the dequantized weight, the weight streams at 1 byte each and its bf16 form exists one block pair
+// or one chunk at a time.
 //   expertmesh::linear_packed_fp8(x [M, K] bf16, wq, scale, block_rows, block_cols, n_out) -> [M, n_out]
 constexpr int64_t FP8_CHUNK = 1 << 20;  // weights dequantized per chunk: 2 MB of bf16
 
@@ -446,8 +452,8 @@ at::Tensor linear_packed_fp8(const at::Tensor& x, const at::Tensor& wq, const at
     const int64_t nb = std::min(chunk, NB - b0);
     at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t row = std::min((b0 + b) * 16 / br, gr - 1);  // the rows padding N to 32 are zero
-        dequant_row(Q + (b0 + b) * per_block, per_block, S + row * gc, 16 * bc, D + b * per_block);
+        dequant_pair_block(Q + (b0 + b) * per_block, fp8_block_scales(S, b0 + b, br, gr, gc), bc, per_block,
+                           D + b * per_block);
       }
     });
     packed_rows(xc.data_ptr<bf16>(), M, K, D, nb, std::min(nb * 16, n_out - b0 * 16), out.data_ptr<bf16>() + b0 * 16,
