@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -22,20 +20,32 @@ class StepProfiler:
     def reset(self) -> None:
         self._acc.clear()
 
-    @contextmanager
-    def span(self, name: str) -> Iterator[None]:
-        if self.sync_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync_cuda:
-                torch.cuda.synchronize()
-            self._acc[name] += time.perf_counter() - t0
+    def span(self, name: str) -> "_Span":
+        """`with profiler.span("experts"):` adds the block's seconds to that part of the step."""
+        return _Span(self, name)
 
     def timings(self) -> StepTimings:
         return StepTimings(**{k: v for k, v in self._acc.items() if k in StepTimings.__dataclass_fields__})
 
 
 NULL_PROFILER = StepProfiler()
+
+
+class _Span:
+    """One timed block of a StepProfiler (a class, not a generator context manager: ~15 spans a
+    step at one token, each ~1 us cheaper this way)."""
+
+    __slots__ = ("profiler", "name", "t0")
+
+    def __init__(self, profiler: StepProfiler, name: str):
+        self.profiler, self.name = profiler, name
+
+    def __enter__(self) -> None:
+        if self.profiler.sync_cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.profiler.sync_cuda:
+            torch.cuda.synchronize()
+        self.profiler._acc[self.name] += time.perf_counter() - self.t0

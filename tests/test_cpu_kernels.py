@@ -193,6 +193,53 @@ def test_mla_row_steps_in_one_call_are_bitwise_the_separate_kernels(interleave):
     assert torch.equal(got, torch.cat([q_lat, q[..., nope:]], dim=-1))
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("prefix", [0, 5])
+def test_mla_attention_in_one_call_is_bitwise_the_chained_kernels(interleave, prefix):
+    """mla_attention (the whole absorbed block: qkv_a, mla_kv_write, mla_query, mla_attend, W_UV,
+    o_proj) gives the bits of the kernels MLAttention chains, and writes the same cache cells."""
+    from expertmesh.actors.model.packed import PairPackedLinear
+
+    ops = cpu_kernels()
+    if not ops.has_packed_linear():
+        pytest.skip("no pair-packed linears in this build")
+    gen = torch.Generator().manual_seed(2 * prefix + int(interleave))
+    t, hidden, heads, nope, rope, rank, q_lora, v = 3, 64, 4, 16, 8, 32, 24, 16
+
+    def bf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
+
+    def packed(n_out, n_in):
+        lin = torch.nn.Linear(n_in, n_out, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(bf(n_out, n_in, scale=0.2))
+        return PairPackedLinear(lin, ops)
+
+    qkv_a, q_b, o_proj = packed(q_lora + rank + rope, hidden), packed(heads * (nope + rope), q_lora), packed(hidden, heads * v)
+    kv_w, q_w = bf(rank, scale=0.5) + 1, bf(q_lora, scale=0.5) + 1
+    w_uk, w_uv_t = bf(heads, nope, rank, scale=0.3), bf(heads, rank, v, scale=0.3)
+    x, cos, sin = bf(t, hidden), bf(t, rope // 2), bf(t, rope // 2)
+    cache = bf(32, rank + rope)
+    shared = torch.arange(20, 20 + prefix)
+    slots = torch.tensor([[1, 2, 3, 4, 0], [5, 6, 0, 0, 0], [7, 8, 9, 10, 11]])  # each row's new slot last
+    out_slots, lens, seq = torch.tensor([4, 6, 11]), torch.tensor([4, 2, 5]), torch.arange(t)
+
+    want_cache = cache.clone()
+    a = ops.linear_packed(x, qkv_a.packed, q_lora + rank + rope)
+    ops.mla_kv_write(a[:, q_lora:], kv_w, 1e-6, cos, sin, want_cache, out_slots, interleave)
+    q = ops.mla_query(a[:, :q_lora], q_w, 1e-6, q_b.packed, cos, sin, w_uk, interleave)
+    lat = ops.mla_attend(q, want_cache, shared, slots, seq, lens, 0.3, rank)
+    o = ops.bmm_small(lat.transpose(0, 1), w_uv_t).transpose(0, 1)
+    want = ops.linear_packed(o.reshape(t, heads * v), o_proj.packed, hidden)
+
+    got = ops.mla_attention(x, qkv_a.packed, q_lora, kv_w, 1e-6, q_w, 1e-6, q_b.packed, cos, sin, w_uk, w_uv_t,
+                            cache, out_slots, shared, slots, seq, lens, 0.3, o_proj.packed, hidden, interleave)
+    assert torch.equal(got, want) and torch.equal(cache, want_cache)
+    with pytest.raises(RuntimeError, match="w_uv_t"):
+        ops.mla_attention(x, qkv_a.packed, q_lora, kv_w, 1e-6, q_w, 1e-6, q_b.packed, cos, sin, w_uk, w_uv_t[:, 1:],
+                          cache, out_slots, shared, slots, seq, lens, 0.3, o_proj.packed, hidden, interleave)
+
+
 def test_fp32_engine_on_the_kernel_keeps_transformers_greedy_tokens(tiny_ckpt):
     """Batched prefill and decode through the kernel: the greedy tokens stay transformers'."""
     from _engine_runs import greedy_reqs, run
@@ -478,6 +525,45 @@ def test_bmm_small_equals_torch_bmm():
         got = cpu_kernels().bmm_small(x, w)
         assert got.dtype == torch.bfloat16 and got.shape == (h, m, n)
         torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_moe_layer_in_one_call_is_bitwise_the_module_steps(shared, tokens):
+    """MoE.forward on the kernels as one moe_layer call (gate, routed experts, their bf16 rounding,
+    the shared experts' sum, the expert load) gives the bits and the load counts of the same module
+    run step by step (gate, record, LocalExperts, shared experts)."""
+    from expertmesh.actors.model.config import ModelConfig
+    from expertmesh.actors.model.moe import MoE
+    from expertmesh.actors.model.packed import pack_swiglus
+    from expertmesh.cluster.devtools.checkpoints import hub_config
+
+    ops = cpu_kernels()
+    if not ops.has_packed_linear():
+        pytest.skip("no pair-packed linears in this build")
+    gen = torch.Generator().manual_seed(tokens + 10 * shared)
+    cfg = ModelConfig.from_dict(hub_config("tiny", overrides={
+        "hidden_size": 64, "moe_intermediate_size": 32, "n_routed_experts": 16, "num_experts_per_tok": 4,
+        "n_group": 4, "topk_group": 2, "n_shared_experts": int(shared), "routed_scaling_factor": 2.5}))
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "bias" in name else 0.3))
+    moe.experts = moe.routed.weights = moe.experts.to(torch.bfloat16)
+    if shared:
+        moe.shared_experts.to(torch.bfloat16)
+    assert moe.experts.use_kernel()
+    moe.gate.kernel = ops
+    assert pack_swiglus(moe, ops) == int(shared)
+    x = torch.randn(tokens, 64, generator=gen).to(torch.bfloat16)
+
+    assert moe._layer_args(x) is not None
+    got = moe(x)
+    got_load = moe.load.counts
+    moe._layer_args = lambda x: None  # the same module, step by step
+    want = moe(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(moe.load.counts, 2 * got_load) and int(got_load.sum()) == tokens * 4
 
 
 @pytest.mark.parametrize("groups,topk_group,top_k", [(8, 4, 6), (1, 1, 2), (4, 2, 3)])

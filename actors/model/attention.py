@@ -51,6 +51,9 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=False)
         self.scale = softmax_scale(config)
         self._absorbed_key: tuple[int, int] | None = None
+        # mla_attention's weight arguments (_block_args) and the kv_b_proj key they were taken at
+        self._block: tuple | None = None
+        self._block_key: tuple[int, int] | None = None
         self._w_uk: torch.Tensor | None = None  # [heads, nope, rank]
         # an FP8-resident kv_b_proj's split, dequantized once per forward call and dropped after it
         self._call_absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -108,16 +111,53 @@ class MLAttention(nn.Module):
         projections, the kernels built)."""
         return self.qkv_a is not None and self.kernel is not None and x.dtype == cos.dtype == torch.bfloat16
 
+    def _block_args(self) -> tuple | None:
+        """mla_attention's weight arguments where this layer's block can be one call (the fused row
+        steps, every projection pair-packed bf16 -- not FP8-resident --, the kernels built), else
+        None. Gathered once and kept: at one token each nn.Module attribute lookup costs ~1 us and
+        the call takes ten of them; rebuilt when kv_b_proj's weight changes (as _absorbed is)."""
+        kvb = self.kv_b_proj
+        if type(kvb) is not nn.Linear:  # (an FP8-resident kv_b_proj: the separate calls)
+            return None
+        key = (kvb.weight.data_ptr(), kvb.weight._version)
+        if self._block_key == key:
+            return self._block
+        if not (self.qkv_a is not None and self.kernel is not None and type(self.q_b_proj) is PairPackedLinear
+                and type(self.o_proj) is PairPackedLinear):
+            return None  # (not kept: use_cpu_kernels may make it ready later)
+        w_uk, w_uv_t = self._absorbed()
+        self._block = (self.qkv_a.packed, self.q_lora_rank, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+                       self.q_a_layernorm.weight, self.q_a_layernorm.eps, self.q_b_proj.packed, w_uk, w_uv_t,
+                       self.o_proj.packed, self.o_proj.out_features)
+        self._block_key = key
+        return self._block
+
+    def _one_call(self, x: torch.Tensor, cos: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache) -> bool:
+        """Whether the block from x to o_proj's output is one `mla_attention` call: bf16 rows on the
+        kernel, the weights ready for it (_block_args), both per-head matmuls small enough for
+        bmm_small."""
+        return (x.dtype == torch.bfloat16 and self._block_args() is not None and cos.dtype == torch.bfloat16
+                and self._on_kernel(x, batch, kv)
+                and x.shape[0] * self.num_heads * max(self.nope, self.v_dim) * self.kv_lora_rank
+                <= BMM_KERNEL_MAX_MACS)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         try:
             return self._forward(x, batch, kv, rope, cos, sin)
         finally:
-            self._call_absorbed = None  # an FP8 kv_b_proj's dequantized copy lives for one call only
+            if self._call_absorbed is not None:  # an FP8 kv_b_proj's dequantized copy lives for one call only
+                self._call_absorbed = None
 
     def _forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
+        if self._one_call(x, cos, batch, kv):  # the whole block in one kernel call
+            qkv_a, q_lora, kv_norm, kv_eps, q_norm, q_eps, q_b, w_uk, w_uv_t, o_proj, n_out = self._block
+            plan = batch.attend_plan()
+            return self.kernel.mla_attention(x, qkv_a, q_lora, kv_norm, kv_eps, q_norm, q_eps, q_b, cos, sin, w_uk,
+                                             w_uv_t, kv.joint[self.layer], batch.out_slots, plan.shared, plan.slots,
+                                             plan.seq, plan.lens, self.scale, o_proj, n_out, rope.interleave)
         if self._fused_rows(x, cos):
             a = self.qkv_a(x)
             q_a, kv_a = a[:, : self.q_lora_rank], a[:, self.q_lora_rank :]

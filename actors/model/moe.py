@@ -8,27 +8,35 @@ from .config import ModelConfig
 from .experts import ExpertWeights, LocalExperts, RoutedExperts
 from .gate import NoAuxTCGate
 from .layers import DenseMLP
+from .packed import PackedSwiGLU
 from ..profiling import NULL_PROFILER, StepProfiler
 
 
 class ExpertLoad:
     """Tokens routed to each expert of one layer, as seen by this rank (cumulative; the engine
-    takes differences over its sliding window)."""
+    takes differences over its sliding window). Counted in place on the activations' device (no
+    sync per layer); the fused CPU layer (`moe_layer`) adds into the same tensor."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
-        self._counts: torch.Tensor | None = None  # on the activations' device: no sync per layer
+        self._counts: torch.Tensor | None = None
+
+    def accumulator(self, device: torch.device) -> torch.Tensor:
+        """The int64 [num_experts] tensor the counts are added into."""
+        if self._counts is None:
+            self._counts = torch.zeros(self.num_experts, dtype=torch.int64, device=device)
+        return self._counts
 
     def record(self, topk_ids: torch.Tensor) -> None:
         if topk_ids.numel():
-            add = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
-            self._counts = add if self._counts is None else self._counts + add
+            self.accumulator(topk_ids.device).add_(torch.bincount(topk_ids.flatten(), minlength=self.num_experts))
 
     @property
     def counts(self) -> torch.Tensor:
+        """A CPU copy of the counts so far."""
         if self._counts is None:
             return torch.zeros(self.num_experts, dtype=torch.int64)
-        return self._counts.cpu()
+        return self._counts.to("cpu", copy=True)
 
 
 class MoE(nn.Module):
@@ -48,6 +56,7 @@ class MoE(nn.Module):
         )
         self.routed: RoutedExperts = LocalExperts(self.experts)
         self.load = ExpertLoad(config.n_routed_experts)
+        self._layer: tuple | None = None  # moe_layer's gate and shared-expert arguments (_layer_args)
         self.profiler = NULL_PROFILER
 
     def set_profiler(self, profiler: StepProfiler) -> None:
@@ -55,7 +64,35 @@ class MoE(nn.Module):
         if hasattr(self.routed, "profiler"):
             self.routed.profiler = profiler
 
+    def _layer_args(self, x: torch.Tensor) -> tuple | None:
+        """The gate's and shared experts' arguments of moe_layer where this layer can be one call
+        (bf16 CPU rows, the gate and the dense experts on the CPU kernels, every routed expert here
+        in order, shared experts, if any, pair-packed), else None. The module lookups are taken
+        once and kept (~1 us each at one token); the routed weights are read every call (EPLB
+        swaps them)."""
+        w = self.routed.weights if isinstance(self.routed, LocalExperts) else None
+        if (w is None or w.kernel is None or not w.slots_contiguous or w.fp8_block is not None
+                or not x.dtype == torch.bfloat16 == w.w13.dtype or x.device.type != "cpu"):
+            return None
+        if self._layer is None:
+            gate, shared = self.gate, self.shared_experts
+            if not (gate.kernel is not None and gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+                    and (shared is None or type(shared) is PackedSwiGLU)):
+                return None  # (not kept: use_cpu_kernels may make it ready later)
+            self._layer = (gate.weight, gate.e_score_correction_bias, gate.n_group, gate.topk_group, gate.top_k,
+                           bool(gate.norm_topk_prob), float(gate.scaling),
+                           shared.gate_up if shared is not None else None, shared.down if shared is not None else None)
+        return self._layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = self._layer_args(x)
+        if args is not None:  # the whole layer in one kernel call
+            gate_w, bias, n_group, topk_group, top_k, normalize, scaling, shared_gate_up, shared_down = args
+            w = self.routed.weights
+            with self.profiler.span("experts"):  # the gate's time included
+                return w.kernel.moe_layer(x, gate_w, bias, n_group, topk_group, top_k, normalize, scaling, w.w13, w.w2,
+                                          w.first, w.kernel_max_rows, shared_gate_up, shared_down,
+                                          self.load.accumulator(x.device))
         with self.profiler.span("gate"):
             topk_ids, topk_weights = self.gate(x)
             self.load.record(topk_ids)

@@ -12,17 +12,25 @@
 //                         w_uk [H, nope, rank], interleave) -> [T, H, rank + rope]
 //     the absorbed query: q = q_b(rms_norm(q_a)); per head [q_nope . W_UK | rope(q_rot)]
 //     (q_a_layernorm, q_b_proj, rotate_tail, attention._query_latent)
+//   expertmesh::mla_attention(x [T, hidden], qkv_a (pack_pairs of [q_lora + rank + rope, hidden]),
+//                             q_lora, kv_norm_w, kv_eps, q_norm_w, q_eps, q_b, cos, sin, w_uk,
+//                             w_uv_t [H, rank, v], cache, out_slots, shared, slots, seq, lens, scale,
+//                             o_proj (pack_pairs of [n_out, H v]), n_out, interleave) -> [T, n_out]
+//     the whole absorbed attention block: qkv_a, mla_kv_write, mla_query, mla_attend (its plan:
+//     shared, slots, seq, lens), the per-head W_UV, o_proj -- the ops MLAttention chains, called
+//     here through the dispatcher: at one token a layer's ~20 torch-level calls and views around
+//     them cost ~90 us of Python with the caches cold, the arithmetic ~80 us.
 //
 // bf16 only, with rows.h's steps: bitwise the separate kernels' outputs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <vector>
 
 #include "cpu_vec.h"
+#include "ops.h"
 #include "rows.h"
 
 namespace {
@@ -89,9 +97,8 @@ at::Tensor mla_query(const at::Tensor& q_a, const at::Tensor& norm_w, double eps
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) rms_norm_row(QA + t * lda, w.data_ptr<bf16>(), L, e, QN + t * L);
   });
-  static const auto linear_packed = c10::Dispatcher::singleton()
-                                        .findSchemaOrThrow("expertmesh::linear_packed", "")
-                                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  static const auto linear_packed =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>("expertmesh::linear_packed");
   const at::Tensor q = linear_packed.call(qn, q_b, H * qk);  // [T, H * qk]
   at::Tensor out = at::empty({T, H, rank + rope}, q_a.options());
   at::Tensor wk = w_uk.contiguous(), c = cos.contiguous(), s = sin.contiguous();
@@ -114,6 +121,31 @@ at::Tensor mla_query(const at::Tensor& q_a, const at::Tensor& norm_w, double eps
   return out;
 }
 
+at::Tensor mla_attention(const at::Tensor& x, const at::Tensor& qkv_a, int64_t q_lora, const at::Tensor& kv_norm_w,
+                         double kv_eps, const at::Tensor& q_norm_w, double q_eps, const at::Tensor& q_b,
+                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& w_uk, const at::Tensor& w_uv_t,
+                         const at::Tensor& cache, const at::Tensor& out_slots, const at::Tensor& shared,
+                         const at::Tensor& slots, const at::Tensor& seq, const at::Tensor& lens, double scale,
+                         const at::Tensor& o_proj, int64_t n_out, bool interleave) {
+  using Linear = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t);
+  using Attend = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, double, int64_t);
+  static const auto linear_packed = op<Linear>("expertmesh::linear_packed");
+  static const auto mla_attend = op<Attend>("expertmesh::mla_attend");
+  static const auto bmm_small = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("expertmesh::bmm_small");
+  TORCH_CHECK(x.dim() == 2 && w_uv_t.dim() == 3 && w_uk.dim() == 3 && w_uv_t.size(0) == w_uk.size(0) &&
+                  w_uv_t.size(1) == kv_norm_w.numel() && q_lora > 0,
+              "mla_attention: x [T, hidden], w_uk [H, nope, rank], w_uv_t [H, rank, v], q_lora > 0");
+  const int64_t T = x.size(0), H = w_uv_t.size(0), rank = w_uv_t.size(1), v = w_uv_t.size(2);
+  const int64_t rope = cos.dim() == 2 ? cos.size(1) * 2 : 0;
+  const at::Tensor a = linear_packed.call(x, qkv_a, q_lora + rank + rope);  // [T, q_lora + rank + rope]
+  mla_kv_write(a.narrow(1, q_lora, rank + rope), kv_norm_w, kv_eps, cos, sin, cache, out_slots, interleave);
+  const at::Tensor q = mla_query(a.narrow(1, 0, q_lora), q_norm_w, q_eps, q_b, cos, sin, w_uk, interleave);
+  const at::Tensor lat = mla_attend.call(q, cache, shared, slots, seq, lens, scale, rank);  // [T, H, rank]
+  const at::Tensor o = bmm_small.call(lat.transpose(0, 1), w_uv_t).transpose(0, 1);  // [T, H, v]
+  return linear_packed.call(o.reshape({T, H * v}), o_proj, n_out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
@@ -121,9 +153,14 @@ TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
         "bool interleave) -> ()");
   m.def("mla_query(Tensor q_a, Tensor norm_w, float eps, Tensor q_b, Tensor cos, Tensor sin, Tensor w_uk, "
         "bool interleave) -> Tensor");
+  m.def("mla_attention(Tensor x, Tensor qkv_a, int q_lora, Tensor kv_norm_w, float kv_eps, Tensor q_norm_w, "
+        "float q_eps, Tensor q_b, Tensor cos, Tensor sin, Tensor w_uk, Tensor w_uv_t, Tensor(a!) cache, "
+        "Tensor out_slots, Tensor shared, Tensor slots, Tensor seq, Tensor lens, float scale, Tensor o_proj, "
+        "int n_out, bool interleave) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {
   m.impl("mla_kv_write", &mla_kv_write);
   m.impl("mla_query", &mla_query);
+  m.impl("mla_attention", &mla_attention);
 }
