@@ -199,13 +199,16 @@ class ModelWorker:
         sample_rows = [i for i, s in enumerate(work.seqs) if s.sample]
         if sample_rows:
             with self.profiler.span("sample"):
-                last = batch.last_token_index()[sample_rows]
+                if len(sample_rows) == batch.num_tokens:  # one new token per sequence, every one sampled
+                    rows = hidden
+                else:
+                    rows = hidden[batch.last_token_index()[sample_rows]]
                 states = [self.states[work.seqs[i].request_id] for i in sample_rows]
-                greedy = self.model.greedy_tokens(hidden[last]) if Sampler.plain_greedy(states) else None
+                greedy = self.model.greedy_tokens(rows) if Sampler.plain_greedy(states) else None
                 if greedy is not None:
                     result = self.sampler.take(greedy.tolist(), states)
                 else:
-                    result = self.sampler(self.model.logits(hidden[last]), states)
+                    result = self.sampler(self.model.logits(rows), states)
             for j, i in enumerate(sample_rows):
                 lp = result.logprobs[j] if result.logprobs else None
                 out.sampled.append(SampledToken(work.seqs[i].request_id, result.token_ids[j],
