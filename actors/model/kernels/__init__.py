@@ -7,7 +7,10 @@ cache's slots, decode rows and, on AMX, prefill rows), `linear_small` and `linea
 (head_cpu.cpp: greedy rows' argmax from the lm_head's int8 screen, on int8 dot products where the
 CPU has AVX512-VNNI), `moe_gate`
 (route_cpu.cpp: the noaux_tc router: matmul, sigmoid, selection), `rope_rows` (rope_cpu.cpp: MLA's rotary embedding), `mla_kv_write` and `mla_query`
-(mla_rows_cpu.cpp: MLA's row steps around its projections, one call each). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
+(mla_rows_cpu.cpp: MLA's row steps around its projections, one call each), and two composites that
+chain those ops in C++ through the dispatcher (ops.h), so a decode layer is two calls from Python:
+`mla_attention` (the absorbed attention block, x to o_proj's output) and `moe_layer` (gate, routed
+and shared experts, the expert load). Where the CPU has AMX (Sapphire Rapids and later Xeons), bf16
 prefill-sized work runs on its tile unit (amx.h); EXPERTMESH_AMX=0 keeps the AVX-512 paths.
 
 Written by hand because no library serves this torch: IPEX's fused MoE and attention pin torch
