@@ -157,10 +157,24 @@ inline void prefetch(const void* p, int bytes) {
 #endif
 }
 
+// the same into L2 only, for lines further ahead: more misses in flight than L1's fill buffers hold
+// (the rows of a decode step's experts each start on a cold 4 KB page the hardware prefetcher does
+// not enter). dot_tile prefetches PREFETCH_FAR times as far ahead this way as into L1: `small`'s
+// routed experts at one token 1.12x (median of 16 alternating runs, 0.93-1.29) with 32 rows ahead,
+// 16 and 64 rows measured less.
+constexpr int PREFETCH_FAR = 4;
+
+inline void prefetch_far(const void* p, int bytes) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (int o = 0; o < bytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T2);
+#endif
+}
+
 // out[j * ldo] = dot(w[0 : K], x[j * ldx : +K]) for j < M, accumulated in fp32. One weight row at a
 // time: a single sequential stream per thread ran 2x faster here than interleaving four rows (the
 // hardware prefetcher follows one stream; 1 KB rows are too short for it to catch four). pf > 0
-// also prefetches w + pf. Two accumulator sets hide the FMA latency when M is small.
+// also prefetches w + pf into L1 and w + PREFETCH_FAR * pf into L2. Two accumulator sets hide the
+// FMA latency when M is small.
 template <int M, typename W, typename X>
 inline void dot_tile(const W* w, const X* x, int64_t ldx, int64_t K, float* out, int64_t ldo, int64_t pf) {
   vec acc[2][M];
@@ -168,7 +182,10 @@ inline void dot_tile(const W* w, const X* x, int64_t ldx, int64_t K, float* out,
     for (int j = 0; j < M; ++j) acc[u][j] = vzero();
   int64_t k = 0;
   for (; k + 2 * VL <= K; k += 2 * VL) {
-    if (pf) prefetch(w + k + pf, 2 * VL * sizeof(W));
+    if (pf) {
+      prefetch(w + k + pf, 2 * VL * sizeof(W));
+      prefetch_far(w + k + PREFETCH_FAR * pf, 2 * VL * sizeof(W));
+    }
     for (int u = 0; u < 2; ++u) {
       const vec wv = vload(w + k + u * VL);
       for (int j = 0; j < M; ++j) acc[u][j] = vfma(wv, vload(x + j * ldx + k + u * VL), acc[u][j]);
@@ -191,7 +208,10 @@ inline void dot_tile(const bf16* w, const bf16* x, int64_t ldx, int64_t K, float
     for (int j = 0; j < M; ++j) acc[u][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
-    if (pf) prefetch(w + k + pf, 128);
+    if (pf) {
+      prefetch(w + k + pf, 128);
+      prefetch_far(w + k + PREFETCH_FAR * pf, 128);
+    }
     for (int u = 0; u < 2; ++u) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + u * 32);
       for (int j = 0; j < M; ++j)
