@@ -145,6 +145,7 @@ inline __m512i vnni_block_row(const int8_t* w, int64_t K4, const uint8_t* u) {
   int64_t k4 = 0;
   for (; k4 + 4 <= K4; k4 += 4) {
     prefetch(w + (k4 + 128) * 64, 256);  // 8 KB ahead
+    prefetch_far(w + (k4 + 512) * 64, 256);  // 32 KB ahead, into L2
     for (int q = 0; q < 4; ++q) {
       int32_t quad;
       std::memcpy(&quad, u + 4 * (k4 + q), sizeof(quad));
