@@ -235,6 +235,15 @@ def test_mla_attention_in_one_call_is_bitwise_the_chained_kernels(interleave, pr
     got = ops.mla_attention(x, qkv_a.packed, q_lora, kv_w, 1e-6, q_w, 1e-6, q_b.packed, cos, sin, w_uk, w_uv_t,
                             cache, out_slots, shared, slots, seq, lens, 0.3, o_proj.packed, hidden, interleave)
     assert torch.equal(got, want) and torch.equal(cache, want_cache)
+    # with the layer's input norm: the residual block x + attention(rms_norm(x))
+    norm_w = bf(hidden, scale=0.5) + 1
+    resid = ops.mla_attention(x, qkv_a.packed, q_lora, kv_w, 1e-6, q_w, 1e-6, q_b.packed, cos, sin, w_uk, w_uv_t,
+                              cache, out_slots, shared, slots, seq, lens, 0.3, o_proj.packed, hidden, interleave,
+                              norm_w, 1e-5)
+    normed = ops.mla_attention(ops.rms_norm(x, norm_w, 1e-5), qkv_a.packed, q_lora, kv_w, 1e-6, q_w, 1e-6, q_b.packed,
+                               cos, sin, w_uk, w_uv_t, cache, out_slots, shared, slots, seq, lens, 0.3, o_proj.packed,
+                               hidden, interleave)
+    assert torch.equal(resid, x + normed)
     with pytest.raises(RuntimeError, match="w_uv_t"):
         ops.mla_attention(x, qkv_a.packed, q_lora, kv_w, 1e-6, q_w, 1e-6, q_b.packed, cos, sin, w_uk, w_uv_t[:, 1:],
                           cache, out_slots, shared, slots, seq, lens, 0.3, o_proj.packed, hidden, interleave)
@@ -529,10 +538,13 @@ def test_bmm_small_equals_torch_bmm():
 
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_moe_layer_in_one_call_is_bitwise_the_module_steps(shared, tokens):
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_moe_layer_in_one_call_is_bitwise_the_module_steps(shared, tokens, with_norm):
     """MoE.forward on the kernels as one moe_layer call (gate, routed experts, their bf16 rounding,
-    the shared experts' sum, the expert load) gives the bits and the load counts of the same module
-    run step by step (gate, record, LocalExperts, shared experts)."""
+    the shared experts' sum, the expert load; with the post-attention norm, the residual block
+    x + moe(norm(x))) gives the bits and the load counts of the same module run step by step
+    (gate, record, LocalExperts, shared experts)."""
+    from expertmesh.actors.model.layers import RMSNorm
     from expertmesh.actors.model.config import ModelConfig
     from expertmesh.actors.model.moe import MoE
     from expertmesh.actors.model.packed import pack_swiglus
@@ -556,12 +568,18 @@ def test_moe_layer_in_one_call_is_bitwise_the_module_steps(shared, tokens):
     moe.gate.kernel = ops
     assert pack_swiglus(moe, ops) == int(shared)
     x = torch.randn(tokens, 64, generator=gen).to(torch.bfloat16)
+    norm = None
+    if with_norm:
+        norm = RMSNorm(64, 1e-5).to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(64, generator=gen) + 0.5)
+        norm.kernel = ops
 
     assert moe._layer_args(x) is not None
-    got = moe(x)
+    got = moe(x, norm)
     got_load = moe.load.counts
     moe._layer_args = lambda x: None  # the same module, step by step
-    want = moe(x)
+    want = moe(x, norm)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     assert torch.equal(moe.load.counts, 2 * got_load) and int(got_load.sum()) == tokens * 4
 

@@ -142,9 +142,21 @@ class MLAttention(nn.Module):
                 <= BMM_KERNEL_MAX_MACS)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Attention over x's rows; with `norm` (the decoder layer's input RMSNorm) the residual
+        block x + attention(norm(x)), one kernel call where the block takes one (_one_call)."""
         try:
-            return self._forward(x, batch, kv, rope, cos, sin)
+            if self._one_call(x, cos, batch, kv) and (norm is None or norm.on_kernel(x)):
+                qkv_a, q_lora, kv_norm, kv_eps, q_norm, q_eps, q_b, w_uk, w_uv_t, o_proj, n_out = self._block
+                plan = batch.attend_plan()
+                return self.kernel.mla_attention(
+                    x, qkv_a, q_lora, kv_norm, kv_eps, q_norm, q_eps, q_b, cos, sin, w_uk, w_uv_t,
+                    kv.joint[self.layer], batch.out_slots, plan.shared, plan.slots, plan.seq, plan.lens, self.scale,
+                    o_proj, n_out, rope.interleave, None if norm is None else norm.weight,
+                    1e-6 if norm is None else norm.eps)
+            if norm is None:
+                return self._forward(x, batch, kv, rope, cos, sin)
+            return x + self._forward(norm(x), batch, kv, rope, cos, sin)
         finally:
             if self._call_absorbed is not None:  # an FP8 kv_b_proj's dequantized copy lives for one call only
                 self._call_absorbed = None
@@ -152,12 +164,6 @@ class MLAttention(nn.Module):
     def _forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        if self._one_call(x, cos, batch, kv):  # the whole block in one kernel call
-            qkv_a, q_lora, kv_norm, kv_eps, q_norm, q_eps, q_b, w_uk, w_uv_t, o_proj, n_out = self._block
-            plan = batch.attend_plan()
-            return self.kernel.mla_attention(x, qkv_a, q_lora, kv_norm, kv_eps, q_norm, q_eps, q_b, cos, sin, w_uk,
-                                             w_uv_t, kv.joint[self.layer], batch.out_slots, plan.shared, plan.slots,
-                                             plan.seq, plan.lens, self.scale, o_proj, n_out, rope.interleave)
         if self._fused_rows(x, cos):
             a = self.qkv_a(x)
             q_a, kv_a = a[:, : self.q_lora_rank], a[:, self.q_lora_rank :]

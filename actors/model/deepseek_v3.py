@@ -41,10 +41,12 @@ class DecoderLayer(nn.Module):
         self.profiler = NULL_PROFILER
 
     def forward(self, x, batch, kv, rope, cos, sin):
+        """x + attention(norm(x)), then + mlp(norm(...)): the attention and MoE blocks take their
+        norms, so on the CPU kernels each residual block is one call."""
         with self.profiler.span("attention"):
-            x = x + self.self_attn(self.input_layernorm(x), batch, kv, rope, cos, sin)
+            x = self.self_attn(x, batch, kv, rope, cos, sin, self.input_layernorm)
         if isinstance(self.mlp, MoE):
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return self.mlp(x, self.post_attention_layernorm)
         with self.profiler.span("dense_mlp"):
             return x + self.mlp(self.post_attention_layernorm(x))
 

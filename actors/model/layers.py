@@ -15,9 +15,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.kernel = None  # the CPU kernels' ops (kernels/norm_cpu.cpp): one pass for bf16 rows
 
+    def on_kernel(self, x: torch.Tensor) -> bool:
+        """Whether x's rows are normed by the CPU kernels' rms_norm (bf16 rows and weight)."""
+        return (self.kernel is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.device.type == "cpu"
+                and self.weight.dtype == torch.bfloat16)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernel is not None and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16
-                and x.dim() == 2 and x.device.type == "cpu"):
+        if self.on_kernel(x):
             return self.kernel.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()

@@ -7,7 +7,7 @@ from torch import nn
 from .config import ModelConfig
 from .experts import ExpertWeights, LocalExperts, RoutedExperts
 from .gate import NoAuxTCGate
-from .layers import DenseMLP
+from .layers import DenseMLP, RMSNorm
 from .packed import PackedSwiGLU
 from ..profiling import NULL_PROFILER, StepProfiler
 
@@ -84,15 +84,24 @@ class MoE(nn.Module):
                            shared.gate_up if shared is not None else None, shared.down if shared is not None else None)
         return self._layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """The layer over x's rows; with `norm` (the decoder layer's post-attention RMSNorm) the
+        residual block x + moe(norm(x)). One kernel call where the layer takes one (_layer_args)."""
         args = self._layer_args(x)
-        if args is not None:  # the whole layer in one kernel call
+        if args is not None and (norm is None or norm.on_kernel(x)):
             gate_w, bias, n_group, topk_group, top_k, normalize, scaling, shared_gate_up, shared_down = args
             w = self.routed.weights
             with self.profiler.span("experts"):  # the gate's time included
                 return w.kernel.moe_layer(x, gate_w, bias, n_group, topk_group, top_k, normalize, scaling, w.w13, w.w2,
                                           w.first, w.kernel_max_rows, shared_gate_up, shared_down,
-                                          self.load.accumulator(x.device))
+                                          self.load.accumulator(x.device), None if norm is None else norm.weight,
+                                          1e-6 if norm is None else norm.eps)
+        if norm is not None:
+            return x + self._op_by_op(norm(x))
+        return self._op_by_op(x)
+
+    def _op_by_op(self, x: torch.Tensor) -> torch.Tensor:
+        """gate, routed experts (here or expert-parallel), shared experts: op by op."""
         with self.profiler.span("gate"):
             topk_ids, topk_weights = self.gate(x)
             self.load.record(topk_ids)

@@ -15,11 +15,13 @@
 //   expertmesh::mla_attention(x [T, hidden], qkv_a (pack_pairs of [q_lora + rank + rope, hidden]),
 //                             q_lora, kv_norm_w, kv_eps, q_norm_w, q_eps, q_b, cos, sin, w_uk,
 //                             w_uv_t [H, rank, v], cache, out_slots, shared, slots, seq, lens, scale,
-//                             o_proj (pack_pairs of [n_out, H v]), n_out, interleave) -> [T, n_out]
+//                             o_proj (pack_pairs of [n_out, H v]), n_out, interleave,
+//                             norm_w?, norm_eps) -> [T, n_out]
 //     the whole absorbed attention block: qkv_a, mla_kv_write, mla_query, mla_attend (its plan:
 //     shared, slots, seq, lens), the per-head W_UV, o_proj -- the ops MLAttention chains, called
 //     here through the dispatcher: at one token a layer's ~20 torch-level calls and views around
-//     them cost ~90 us of Python with the caches cold, the arithmetic ~80 us.
+//     them cost ~90 us of Python with the caches cold, the arithmetic ~80 us. With norm_w (the
+//     layer's input RMSNorm) the decoder layer's residual block: x + attention(rms_norm(x)).
 //
 // bf16 only, with rows.h's steps: bitwise the separate kernels' outputs.
 #include <ATen/ATen.h>
@@ -126,24 +128,28 @@ at::Tensor mla_attention(const at::Tensor& x, const at::Tensor& qkv_a, int64_t q
                          const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& w_uk, const at::Tensor& w_uv_t,
                          const at::Tensor& cache, const at::Tensor& out_slots, const at::Tensor& shared,
                          const at::Tensor& slots, const at::Tensor& seq, const at::Tensor& lens, double scale,
-                         const at::Tensor& o_proj, int64_t n_out, bool interleave) {
+                         const at::Tensor& o_proj, int64_t n_out, bool interleave,
+                         const std::optional<at::Tensor>& norm_w, double norm_eps) {
   using Linear = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t);
   using Attend = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, double, int64_t);
   static const auto linear_packed = op<Linear>("expertmesh::linear_packed");
   static const auto mla_attend = op<Attend>("expertmesh::mla_attend");
   static const auto bmm_small = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("expertmesh::bmm_small");
+  static const auto rms_norm = op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("expertmesh::rms_norm");
   TORCH_CHECK(x.dim() == 2 && w_uv_t.dim() == 3 && w_uk.dim() == 3 && w_uv_t.size(0) == w_uk.size(0) &&
                   w_uv_t.size(1) == kv_norm_w.numel() && q_lora > 0,
               "mla_attention: x [T, hidden], w_uk [H, nope, rank], w_uv_t [H, rank, v], q_lora > 0");
   const int64_t T = x.size(0), H = w_uv_t.size(0), rank = w_uv_t.size(1), v = w_uv_t.size(2);
   const int64_t rope = cos.dim() == 2 ? cos.size(1) * 2 : 0;
-  const at::Tensor a = linear_packed.call(x, qkv_a, q_lora + rank + rope);  // [T, q_lora + rank + rope]
+  const at::Tensor h = norm_w.has_value() ? rms_norm.call(x, *norm_w, norm_eps) : x;
+  const at::Tensor a = linear_packed.call(h, qkv_a, q_lora + rank + rope);  // [T, q_lora + rank + rope]
   mla_kv_write(a.narrow(1, q_lora, rank + rope), kv_norm_w, kv_eps, cos, sin, cache, out_slots, interleave);
   const at::Tensor q = mla_query(a.narrow(1, 0, q_lora), q_norm_w, q_eps, q_b, cos, sin, w_uk, interleave);
   const at::Tensor lat = mla_attend.call(q, cache, shared, slots, seq, lens, scale, rank);  // [T, H, rank]
   const at::Tensor o = bmm_small.call(lat.transpose(0, 1), w_uv_t).transpose(0, 1);  // [T, H, v]
-  return linear_packed.call(o.reshape({T, H * v}), o_proj, n_out);
+  const at::Tensor out = linear_packed.call(o.reshape({T, H * v}), o_proj, n_out);
+  return norm_w.has_value() ? x + out : out;
 }
 
 }  // namespace
@@ -156,7 +162,7 @@ TORCH_LIBRARY_FRAGMENT(expertmesh, m) {
   m.def("mla_attention(Tensor x, Tensor qkv_a, int q_lora, Tensor kv_norm_w, float kv_eps, Tensor q_norm_w, "
         "float q_eps, Tensor q_b, Tensor cos, Tensor sin, Tensor w_uk, Tensor w_uv_t, Tensor(a!) cache, "
         "Tensor out_slots, Tensor shared, Tensor slots, Tensor seq, Tensor lens, float scale, Tensor o_proj, "
-        "int n_out, bool interleave) -> Tensor");
+        "int n_out, bool interleave, Tensor? norm_w=None, float norm_eps=1e-6) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(expertmesh, CPU, m) {

@@ -628,28 +628,33 @@ at::Tensor moe_experts_fp8(const at::Tensor& x, const at::Tensor& ids, const at:
 // bitwise, without the ~8 torch-level calls around them (~20 us each at one token, caches cold).
 //   expertmesh::moe_layer(x [T, H] bf16, gate_w [n_experts, H] fp32, bias [n_experts] fp32, n_group,
 //                         topk_group, top_k, normalize, scaling, w13, w2, first, max_rows,
-//                         shared_gate_up?, shared_down? (pack_pairs), load [n_experts] int64 (a!))
-//                         -> [T, H] bf16; load[e] += the (token, choice) pairs routed to e
+//                         shared_gate_up?, shared_down? (pack_pairs), load [n_experts] int64 (a!),
+//                         norm_w?, norm_eps) -> [T, H] bf16; load[e] += the (token, choice) pairs
+//                         routed to e. With norm_w (the layer's post-attention RMSNorm) the decoder
+//                         layer's residual block: x + moe(rms_norm(x)).
 at::Tensor moe_layer(const at::Tensor& x, const at::Tensor& gate_w, const at::Tensor& bias, int64_t n_group,
                      int64_t topk_group, int64_t top_k, bool normalize, double scaling, const at::Tensor& w13,
                      const at::Tensor& w2, int64_t first, int64_t max_rows, const std::optional<at::Tensor>& shared_gate_up,
-                     const std::optional<at::Tensor>& shared_down, const at::Tensor& load) {
+                     const std::optional<at::Tensor>& shared_down, const at::Tensor& load,
+                     const std::optional<at::Tensor>& norm_w, double norm_eps) {
   using Gate = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                                   int64_t, int64_t, bool, double);
   using SwiGLU = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
   static const auto moe_gate = op<Gate>("expertmesh::moe_gate");
   static const auto swiglu_packed = op<SwiGLU>("expertmesh::swiglu_packed");
+  static const auto rms_norm = op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("expertmesh::rms_norm");
   TORCH_CHECK(load.device().is_cpu() && load.scalar_type() == at::kLong && load.dim() == 1 &&
                   load.is_contiguous() && load.size(0) == gate_w.size(0),
               "moe_layer: load [n_experts] int64, contiguous, on the CPU");
   TORCH_CHECK(shared_gate_up.has_value() == shared_down.has_value(), "moe_layer: shared_gate_up and shared_down together");
-  const auto [ids, weights] = moe_gate.call(x, gate_w, bias, n_group, topk_group, top_k, normalize, scaling);
-  at::Tensor out = moe_experts(x, ids, weights, w13, w2, first, max_rows).to(x.scalar_type());
+  const at::Tensor h = norm_w.has_value() ? rms_norm.call(x, *norm_w, norm_eps) : x;
+  const auto [ids, weights] = moe_gate.call(h, gate_w, bias, n_group, topk_group, top_k, normalize, scaling);
+  at::Tensor out = moe_experts(h, ids, weights, w13, w2, first, max_rows).to(h.scalar_type());
   const int64_t* I = ids.data_ptr<int64_t>();
   int64_t* L = load.data_ptr<int64_t>();
   for (int64_t i = 0, n = ids.numel(); i < n; ++i) ++L[I[i]];  // ids come from the gate: < n_experts
-  if (shared_gate_up.has_value()) out = out + swiglu_packed.call(x, *shared_gate_up, *shared_down, x.size(1));
-  return out;
+  if (shared_gate_up.has_value()) out = out + swiglu_packed.call(h, *shared_gate_up, *shared_down, h.size(1));
+  return norm_w.has_value() ? x + out : out;
 }
 
 // Which vector width this build runs: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar).
@@ -672,7 +677,7 @@ TORCH_LIBRARY(expertmesh, m) {
   m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor w2, int first, int max_rows) -> Tensor");
   m.def("moe_layer(Tensor x, Tensor gate_w, Tensor bias, int n_group, int topk_group, int top_k, bool normalize, "
         "float scaling, Tensor w13, Tensor w2, int first, int max_rows, Tensor? shared_gate_up, Tensor? shared_down, "
-        "Tensor(a!) load) -> Tensor");
+        "Tensor(a!) load, Tensor? norm_w=None, float norm_eps=1e-6) -> Tensor");
   m.def("vector_width() -> int", &vector_width);
   m.def("has_pair_experts() -> bool", &has_pair_experts);
   m.def("grouped_ffn_fp8(Tensor xs, Tensor w13, Tensor w2, Tensor s1, Tensor s3, Tensor s2, int block_rows, "
