@@ -136,7 +136,7 @@ class MLAttention(nn.Module):
         """Whether the block from x to o_proj's output is one `mla_attention` call: bf16 rows on the
         kernel, the weights ready for it (_block_args), both per-head matmuls small enough for
         bmm_small."""
-        return (x.dtype == torch.bfloat16 and self._block_args() is not None and cos.dtype == torch.bfloat16
+        return (x.dtype == cos.dtype == torch.bfloat16 and self._block_args() is not None  # (_fused_rows' test)
                 and self._on_kernel(x, batch, kv)
                 and x.shape[0] * self.num_heads * max(self.nope, self.v_dim) * self.kv_lora_rank
                 <= BMM_KERNEL_MAX_MACS)

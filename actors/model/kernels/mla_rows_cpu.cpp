@@ -99,9 +99,7 @@ at::Tensor mla_query(const at::Tensor& q_a, const at::Tensor& norm_w, double eps
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) rms_norm_row(QA + t * lda, w.data_ptr<bf16>(), L, e, QN + t * L);
   });
-  static const auto linear_packed =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>("expertmesh::linear_packed");
-  const at::Tensor q = linear_packed.call(qn, q_b, H * qk);  // [T, H * qk]
+  const at::Tensor q = ops::linear_packed().call(qn, q_b, H * qk);  // [T, H * qk]
   at::Tensor out = at::empty({T, H, rank + rope}, q_a.options());
   at::Tensor wk = w_uk.contiguous(), c = cos.contiguous(), s = sin.contiguous();
   const bf16* Q = q.data_ptr<bf16>();
@@ -130,25 +128,18 @@ at::Tensor mla_attention(const at::Tensor& x, const at::Tensor& qkv_a, int64_t q
                          const at::Tensor& slots, const at::Tensor& seq, const at::Tensor& lens, double scale,
                          const at::Tensor& o_proj, int64_t n_out, bool interleave,
                          const std::optional<at::Tensor>& norm_w, double norm_eps) {
-  using Linear = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t);
-  using Attend = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, double, int64_t);
-  static const auto linear_packed = op<Linear>("expertmesh::linear_packed");
-  static const auto mla_attend = op<Attend>("expertmesh::mla_attend");
-  static const auto bmm_small = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("expertmesh::bmm_small");
-  static const auto rms_norm = op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("expertmesh::rms_norm");
   TORCH_CHECK(x.dim() == 2 && w_uv_t.dim() == 3 && w_uk.dim() == 3 && w_uv_t.size(0) == w_uk.size(0) &&
                   w_uv_t.size(1) == kv_norm_w.numel() && q_lora > 0,
               "mla_attention: x [T, hidden], w_uk [H, nope, rank], w_uv_t [H, rank, v], q_lora > 0");
   const int64_t T = x.size(0), H = w_uv_t.size(0), rank = w_uv_t.size(1), v = w_uv_t.size(2);
   const int64_t rope = cos.dim() == 2 ? cos.size(1) * 2 : 0;
-  const at::Tensor h = norm_w.has_value() ? rms_norm.call(x, *norm_w, norm_eps) : x;
-  const at::Tensor a = linear_packed.call(h, qkv_a, q_lora + rank + rope);  // [T, q_lora + rank + rope]
+  const at::Tensor h = norm_w.has_value() ? ops::rms_norm().call(x, *norm_w, norm_eps) : x;
+  const at::Tensor a = ops::linear_packed().call(h, qkv_a, q_lora + rank + rope);  // [T, q_lora + rank + rope]
   mla_kv_write(a.narrow(1, q_lora, rank + rope), kv_norm_w, kv_eps, cos, sin, cache, out_slots, interleave);
   const at::Tensor q = mla_query(a.narrow(1, 0, q_lora), q_norm_w, q_eps, q_b, cos, sin, w_uk, interleave);
-  const at::Tensor lat = mla_attend.call(q, cache, shared, slots, seq, lens, scale, rank);  // [T, H, rank]
-  const at::Tensor o = bmm_small.call(lat.transpose(0, 1), w_uv_t).transpose(0, 1);  // [T, H, v]
-  const at::Tensor out = linear_packed.call(o.reshape({T, H * v}), o_proj, n_out);
+  const at::Tensor lat = ops::mla_attend().call(q, cache, shared, slots, seq, lens, scale, rank);  // [T, H, rank]
+  const at::Tensor o = ops::bmm_small().call(lat.transpose(0, 1), w_uv_t).transpose(0, 1);  // [T, H, v]
+  const at::Tensor out = ops::linear_packed().call(o.reshape({T, H * v}), o_proj, n_out);
   return norm_w.has_value() ? x + out : out;
 }
 

@@ -637,23 +637,17 @@ at::Tensor moe_layer(const at::Tensor& x, const at::Tensor& gate_w, const at::Te
                      const at::Tensor& w2, int64_t first, int64_t max_rows, const std::optional<at::Tensor>& shared_gate_up,
                      const std::optional<at::Tensor>& shared_down, const at::Tensor& load,
                      const std::optional<at::Tensor>& norm_w, double norm_eps) {
-  using Gate = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                                  int64_t, int64_t, bool, double);
-  using SwiGLU = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
-  static const auto moe_gate = op<Gate>("expertmesh::moe_gate");
-  static const auto swiglu_packed = op<SwiGLU>("expertmesh::swiglu_packed");
-  static const auto rms_norm = op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("expertmesh::rms_norm");
   TORCH_CHECK(load.device().is_cpu() && load.scalar_type() == at::kLong && load.dim() == 1 &&
                   load.is_contiguous() && load.size(0) == gate_w.size(0),
               "moe_layer: load [n_experts] int64, contiguous, on the CPU");
   TORCH_CHECK(shared_gate_up.has_value() == shared_down.has_value(), "moe_layer: shared_gate_up and shared_down together");
-  const at::Tensor h = norm_w.has_value() ? rms_norm.call(x, *norm_w, norm_eps) : x;
-  const auto [ids, weights] = moe_gate.call(h, gate_w, bias, n_group, topk_group, top_k, normalize, scaling);
+  const at::Tensor h = norm_w.has_value() ? ops::rms_norm().call(x, *norm_w, norm_eps) : x;
+  const auto [ids, weights] = ops::moe_gate().call(h, gate_w, bias, n_group, topk_group, top_k, normalize, scaling);
   at::Tensor out = moe_experts(h, ids, weights, w13, w2, first, max_rows).to(h.scalar_type());
   const int64_t* I = ids.data_ptr<int64_t>();
   int64_t* L = load.data_ptr<int64_t>();
   for (int64_t i = 0, n = ids.numel(); i < n; ++i) ++L[I[i]];  // ids come from the gate: < n_experts
-  if (shared_gate_up.has_value()) out = out + swiglu_packed.call(h, *shared_gate_up, *shared_down, h.size(1));
+  if (shared_gate_up.has_value()) out = out + ops::swiglu_packed().call(h, *shared_gate_up, *shared_down, h.size(1));
   return norm_w.has_value() ? x + out : out;
 }
 
