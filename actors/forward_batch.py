@@ -38,6 +38,25 @@ class AttendPlan:
 
 
 @dataclass
+class DecodeRows:
+    """A decode step in fixed shapes, as a captured graph reads it (actors/decode_graphs.py): B rows,
+    one new token each, every context padded to W slots. Rows past the real ones are padding
+    (`valid` False): token 0 at position 0, written to slot 0 (never handed out), attending slot 0."""
+
+    input_ids: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B]
+    out_slots: torch.Tensor  # [B] KV slot each new token is written to
+    slots: torch.Tensor  # [B, W] each row's whole context, the new token's slot included; any slot past it
+    lens: torch.Tensor  # [B] context length of each row (1 for padding)
+    valid: torch.Tensor  # [B] True for real rows
+
+    def pad(self) -> torch.Tensor:
+        """[B, W] True past each row's context."""
+        width = self.slots.shape[1]
+        return torch.arange(width, device=self.slots.device).unsqueeze(0) >= self.lens.unsqueeze(1)
+
+
+@dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] new tokens of all sequences, concatenated
     positions: torch.Tensor  # [T]

@@ -56,6 +56,12 @@ class WorkerSpec:
     # Routed experts and decode attention through the hand-written CPU kernels (model/kernels),
     # built on first use; EXPERTMESH_CPU_KERNELS=0 keeps torch's ops (to compare the two).
     cpu_kernels: bool = field(default_factory=lambda: os.environ.get("EXPERTMESH_CPU_KERNELS", "1") != "0")
+    # Pure-decode steps as captured graphs (decode_graphs.py): "auto" captures CUDA graphs on a GPU
+    # where the model's step can take fixed shapes and runs eagerly otherwise; "fx" records them with
+    # torch.fx on any device (how a machine without a GPU checks the capture); "off".
+    # EXPERTMESH_DECODE_GRAPHS sets the default.
+    decode_graphs: str = field(default_factory=lambda: os.environ.get("EXPERTMESH_DECODE_GRAPHS", "auto"))
+    decode_graph_max_batch: int = 64
 
 
 def expert_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
@@ -113,6 +119,7 @@ class ModelWorker:
         self.model.set_profiler(self.profiler)
         self.kv = MLAKVCache(self.config.num_hidden_layers, spec.kv_slots, self.config.kv_lora_rank,
                              self.config.qk_rope_head_dim, dtype, self.device)
+        self.graphs = self._decode_graphs(spec)
         self.sampler = Sampler(seed=spec.seed)
         self.sampler.kernel = self.model.head_kernel  # None without the CPU kernels
         self.states: dict[str, SamplingState] = {}
@@ -122,6 +129,21 @@ class ModelWorker:
         log.info("rank %d/%d ready: experts [%d, %d), %d KV slots, weights %.1f MiB (fp8 %.1f, scales %.2f, dense %.1f)",
                  self.rank, spec.ep_size, *self.expert_range, spec.kv_slots, sum(wb.values()) / 2**20,
                  wb["fp8"] / 2**20, wb["scales"] / 2**20, wb["dense"] / 2**20)
+
+    def _decode_graphs(self, spec: WorkerSpec):
+        """The decode graphs this worker replays (decode_graphs.py), or None."""
+        if spec.decode_graphs not in ("auto", "fx", "off"):
+            raise ValueError(f"decode_graphs {spec.decode_graphs!r}: choose auto, fx or off")
+        if spec.decode_graphs == "off" or (spec.decode_graphs == "auto" and self.device.type != "cuda"):
+            return None
+        from .decode_graphs import DecodeGraphs, GraphConfig
+
+        reason = self.model.static_unsupported() if spec.ep_size == 1 else "expert parallelism"
+        if reason:
+            log.info("decode steps run eagerly, not as graphs: %s", reason)
+            return None
+        backend = "cuda" if spec.decode_graphs == "auto" else "fx"
+        return DecodeGraphs(self.model, self.kv, GraphConfig(max_batch=spec.decode_graph_max_batch), backend)
 
     def set_group(self, process_group) -> None:
         """Use a re-formed process group (after a dead rank was replaced): weights, KV and the
@@ -195,7 +217,10 @@ class ModelWorker:
         if batch.num_tokens:
             self._snapshot_load()  # before the step's tokens are counted: windows start at a step
         out = StepOutput(rank=self.rank)
-        hidden = self.model(batch, self.kv)
+        if self.graphs is not None and self.graphs.serves(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            hidden = self.model(batch, self.kv)
         sample_rows = [i for i, s in enumerate(work.seqs) if s.sample]
         if sample_rows:
             with self.profiler.span("sample"):

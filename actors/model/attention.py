@@ -164,29 +164,13 @@ class MLAttention(nn.Module):
     def _forward(self, x: torch.Tensor, batch: ForwardBatch, kv: MLAKVCache, rope: RotaryEmbedding,
                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
-        if self._fused_rows(x, cos):
-            a = self.qkv_a(x)
-            q_a, kv_a = a[:, : self.q_lora_rank], a[:, self.q_lora_rank :]
-            # latent normed and k_pe rotated straight into the cache
-            self.kernel.mla_kv_write(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin,
-                                     kv.joint[self.layer], batch.out_slots, rope.interleave)
-            on_kernel = self._on_kernel(x, batch, kv)
-            if (on_kernel and isinstance(self.q_b_proj, PairPackedLinear)  # (an even q_lora_rank)
-                    and t * self.num_heads * self.nope * self.kv_lora_rank <= BMM_KERNEL_MAX_MACS):
-                q_cat = self.kernel.mla_query(q_a, self.q_a_layernorm.weight, self.q_a_layernorm.eps,
-                                              self.q_b_proj.packed, cos, sin, self._absorbed()[0], rope.interleave)
-                out = self._attend_latent(q_cat, batch, kv, absorbed=True)
-                return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
-            q = self.q_b_proj(self.q_a_layernorm(q_a))
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
-            latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-            latent = self.kv_a_layernorm(latent)
-            k_rot = rope.rotate_tail(k_rot.unsqueeze(1), 0, cos, sin).squeeze(1)
-            kv.write(self.layer, batch.out_slots, latent, k_rot)
-            on_kernel = self._on_kernel(x, batch, kv)
-        q = rope.rotate_tail(q.view(t, self.num_heads, self.nope + self.rope_dim), self.nope, cos, sin)
-
+        on_kernel = self._on_kernel(x, batch, kv)
+        if (on_kernel and self._fused_rows(x, cos) and isinstance(self.q_b_proj, PairPackedLinear)  # (an even q_lora_rank)
+                and t * self.num_heads * self.nope * self.kv_lora_rank <= BMM_KERNEL_MAX_MACS):
+            q_cat = self._project(x, batch.out_slots, kv, rope, cos, sin, absorbed=True)
+            out = self._attend_latent(q_cat, batch, kv, absorbed=True)
+            return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
+        q = self._project(x, batch.out_slots, kv, rope, cos, sin)
         if on_kernel:
             return self.o_proj(self._attend_latent(q, batch, kv).reshape(t, self.num_heads * self.v_dim))
         if batch.decode_seqs and len(batch.decode_seqs) == t:  # pure decode: one row per sequence, in order
@@ -202,6 +186,39 @@ class MLAttention(nn.Module):
                 a = batch.starts[i]
                 out[a : a + n] = self._extend(q[a : a + n], batch.ctx_slots[i], kv, prefix)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
+
+    def _project(self, x: torch.Tensor, out_slots: torch.Tensor, kv: MLAKVCache, rope: RotaryEmbedding,
+                 cos: torch.Tensor, sin: torch.Tensor, absorbed: bool = False) -> torch.Tensor:
+        """The rows' query [T, heads, nope | rope], rotated, after their latents and k_pe are written
+        to `out_slots`; `absorbed` (the fused row steps only): mla_query's [T, heads, rank | rope]."""
+        t = x.shape[0]
+        if self._fused_rows(x, cos):
+            a = self.qkv_a(x)
+            q_a, kv_a = a[:, : self.q_lora_rank], a[:, self.q_lora_rank :]
+            # latent normed and k_pe rotated straight into the cache
+            self.kernel.mla_kv_write(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin,
+                                     kv.joint[self.layer], out_slots, rope.interleave)
+            if absorbed:
+                return self.kernel.mla_query(q_a, self.q_a_layernorm.weight, self.q_a_layernorm.eps,
+                                             self.q_b_proj.packed, cos, sin, self._absorbed()[0], rope.interleave)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+            latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            latent = self.kv_a_layernorm(latent)
+            k_rot = rope.rotate_tail(k_rot.unsqueeze(1), 0, cos, sin).squeeze(1)
+            kv.write(self.layer, out_slots, latent, k_rot)
+        return rope.rotate_tail(q.view(t, self.num_heads, self.nope + self.rope_dim), self.nope, cos, sin)
+
+    def decode_static(self, x: torch.Tensor, out_slots: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor,
+                      kv: MLAKVCache, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One decode row per sequence with every shape fixed by its arguments' and no host sync, so
+        it can be captured as a graph (actors/decode_graphs.py): `slots` [B, W] each row's whole
+        context, `pad` [B, W] True past its end. Absorbed, as _decode, without the shared-prefix split
+        (its length changes from step to step)."""
+        q = self._project(x, out_slots, kv, rope, cos, sin)
+        out = self._absorbed_decode(q, kv, slots, pad)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
 
     def _expand(self, slots: torch.Tensor, kv: MLAKVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Context slots [..., L] → keys [..., L, heads, qk] and values [..., L, heads, v]."""
@@ -279,19 +296,24 @@ class MLAttention(nn.Module):
         """Many sequences, one new token each, attending in the latent space (DeepSeek's absorbed
         MLA): W_UK folds into the query and W_UV into the output, so the cached latents are read
         as they are instead of being expanded to per-head keys and values every step."""
+        return self._absorbed_decode(q, kv, batch.decode_slots, batch.decode_pad, batch.decode_shared)
+
+    def _absorbed_decode(self, q: torch.Tensor, kv: MLAKVCache, slots: torch.Tensor, pad: torch.Tensor,
+                         shared: torch.Tensor | None = None) -> torch.Tensor:
+        """q [B, heads, nope | rope] over each row's context: `shared` [P] slots every row starts
+        with (gathered once), then slots [B, L] (True in pad [B, L] past a row's end) → [B, heads, v]."""
         w_uv_t = self._absorbed()[1]
         q_cat = self._query_latent(q)  # [B, heads, rank + rope]
-        ctx = kv.read_joint(self.layer, batch.decode_slots)  # [B, L, rank + rope]: latent, k_pe
+        ctx = kv.read_joint(self.layer, slots)  # [B, L, rank + rope]: latent, k_pe
         # one matmul over [rank | rope]: q_lat . latent + q_rot . k_pe
         scores = torch.matmul(q_cat, ctx.transpose(1, 2))  # [B, heads, L]
-        shared = batch.decode_shared
         p = 0 if shared is None else shared.numel()
         if p:  # the prefix all rows share: gathered once, one [B * heads, P] matmul for the batch
             ctx_shared = kv.read_joint(self.layer, shared)  # [P, rank + rope]
             b, h, d = q_cat.shape
             scores = torch.cat([torch.mm(q_cat.reshape(b * h, d), ctx_shared.t()).view(b, h, p), scores], dim=-1)
         scores.mul_(self.scale)
-        scores[..., p:].masked_fill_(batch.decode_pad[:, None, :], float("-inf"))
+        scores[..., p:].masked_fill_(pad[:, None, :], float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out_lat = torch.matmul(probs[..., p:], ctx[..., : self.kv_lora_rank])  # [B, heads, rank]
         if p:

@@ -10,11 +10,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..forward_batch import ForwardBatch
+from ..forward_batch import DecodeRows, ForwardBatch
 from ..kv_cache import MLAKVCache
 from .attention import MLAttention
 from .config import ModelConfig
-from .fp8 import (FP8_DTYPES, Fp8Tensor, PairPackedFp8Linear, PairPackedFp8SwiGLU, convert_linears,
+from .experts import LocalExperts
+from .fp8 import (FP8_DTYPES, Fp8Linear, Fp8Tensor, PairPackedFp8Linear, PairPackedFp8SwiGLU, convert_linears,
                   pair_pack_fp8_linears, tensor_bytes)
 from .gate import NoAuxTCGate
 from .greedy_head import ScreenedHead
@@ -39,6 +40,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
         self.profiler = NULL_PROFILER
+
+    def decode_static(self, x, rows, pad, kv, rope, cos, sin):
+        """forward() for a fixed-shape decode step (DeepseekV3Model.decode_static)."""
+        x = x + self.self_attn.decode_static(self.input_layernorm(x), rows.out_slots, rows.slots, pad, kv,
+                                             rope, cos, sin)
+        if isinstance(self.mlp, MoE):
+            return self.mlp.decode_static(x, rows.valid, self.post_attention_layernorm)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, batch, kv, rope, cos, sin):
         """x + attention(norm(x)), then + mlp(norm(...)): the attention and MoE blocks take their
@@ -208,6 +217,32 @@ class DeepseekV3Model(nn.Module):
         cos, sin = self.rope.cos_sin(batch.positions, x.dtype)
         for layer in self.layers:
             x = layer(x, batch, kv, self.rope, cos, sin)
+        return self.norm(x)
+
+    def static_unsupported(self) -> str | None:
+        """Why a decode step of this model cannot take fixed shapes (decode_static), None if it can:
+        every routed expert here, dense (ExpertWeights.static_unsupported), and no FP8-resident
+        linear (their dequantization reads the scales' range on the host, dequantize_fp8)."""
+        for moe in self.moe_layers():
+            if not isinstance(moe.routed, LocalExperts):
+                return "expert parallelism (the all-to-all's split sizes are read on the host)"
+            reason = moe.experts.static_unsupported()
+            if reason:
+                return reason
+        if any(isinstance(m, (Fp8Linear, PairPackedFp8Linear, PairPackedFp8SwiGLU)) for m in self.modules()):
+            return "FP8-resident linears"
+        return None
+
+    @torch.inference_mode()
+    def decode_static(self, rows: DecodeRows, kv: MLAKVCache) -> torch.Tensor:
+        """The final hidden states [B, H] of a decode step in fixed shapes with no host sync, so it
+        can be captured and replayed as a graph (actors/decode_graphs.py); the same math as forward()
+        on a pure-decode batch, without its shared-prefix split."""
+        x = self.embed_tokens(rows.input_ids)
+        cos, sin = self.rope.cos_sin(rows.positions, x.dtype)
+        pad = rows.pad()
+        for layer in self.layers:
+            x = layer.decode_static(x, rows, pad, kv, self.rope, cos, sin)
         return self.norm(x)
 
     @torch.inference_mode()

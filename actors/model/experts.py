@@ -250,6 +250,41 @@ class ExpertWeights(nn.Module):
         return out
 
 
+    def static_unsupported(self) -> str | None:
+        """Why `routed_static` cannot compute these experts (None: it can): it needs the dense
+        stacks of every expert in order, and a grouped GEMM that takes its group offsets on the
+        device (torch._grouped_mm: on CUDA its CUTLASS path, bf16 on sm90 and later; sm80 falls
+        back to a loop that reads the offsets on the host, which a graph cannot capture)."""
+        if self.packed is not None or self.fp8_block is not None:
+            return "oneDNN-packed or FP8-resident experts (one expert at a time)"
+        if not self.slots_contiguous or self.count == 0:
+            return "experts placed in slots out of order (expert parallelism)"
+        if not hasattr(torch, "_grouped_mm"):
+            return "this torch has no _grouped_mm"
+        if self.w13.device.type == "cuda":
+            if self.w13.dtype != torch.bfloat16:
+                return f"_grouped_mm on CUDA takes bf16, not {self.w13.dtype}"
+            major = torch.cuda.get_device_capability(self.w13.device)[0]
+            if not 9 <= major <= 12:
+                return f"sm{major}x: _grouped_mm reads its offsets on the host there"
+        return None
+
+    def routed_static(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """LocalExperts' sum with every shape fixed by x's and no host sync (capturable; see
+        static_unsupported): the pairs sorted by expert, each expert's row count scattered on the
+        device, two grouped GEMMs over the group offsets, the weighted combine. [T, H] fp32."""
+        t, k = topk_ids.shape
+        local = (topk_ids - self.first).flatten()
+        order = torch.sort(local, stable=True)[1]
+        counts = torch.zeros(self.count, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, local, torch.ones_like(local))
+        offsets = counts.cumsum(0).to(torch.int32)
+        xs = gather_rows(x, order // k)
+        gate, up = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        ys = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.transpose(1, 2), offs=offsets)
+        return combine(ys, order, topk_weights, t, k, self.kernel)
+
+
 # Experts with more rows than this (a long prefill) go through at::linear inside the kernel, where
 # oneDNN's blocking beats streaming each weight row per 4 tokens (bf16, `small`, 2 threads: the
 # kernel is 1.6x the grouped GEMMs at ~19 rows per expert, 0.8x at ~63).

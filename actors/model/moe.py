@@ -100,6 +100,21 @@ class MoE(nn.Module):
             return x + self._op_by_op(norm(x))
         return self._op_by_op(x)
 
+    def decode_static(self, x: torch.Tensor, valid: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x + moe(norm(x)) with every shape fixed by x's and no host sync, so a decode step can be
+        captured as a graph (actors/decode_graphs.py); `valid` [T] bool: rows that are real (a
+        captured batch is padded to its size), the only ones counted in the expert load. Needs
+        `experts.static_unsupported()` to be None."""
+        h = norm(x)
+        topk_ids, topk_weights = self.gate(h)
+        k = topk_ids.shape[1]
+        self.load.accumulator(x.device).index_add_(0, topk_ids.flatten(),
+                                                   valid.to(torch.int64).unsqueeze(1).expand(-1, k).flatten())
+        out = self.experts.routed_static(h, topk_ids, topk_weights).to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(h)
+        return x + out
+
     def _op_by_op(self, x: torch.Tensor) -> torch.Tensor:
         """gate, routed experts (here or expert-parallel), shared experts: op by op."""
         with self.profiler.span("gate"):

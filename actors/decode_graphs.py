@@ -1,0 +1,170 @@
+"""Decode steps captured once and replayed: CUDA graphs on a GPU.
+
+At decode sizes a GPU step is bound by launches, not arithmetic: each layer issues dozens of small
+kernels and Python pays for every one. A captured graph replays the whole step's kernels in one
+call. Capture fixes shapes, pointers and every decision Python made, so the step runs in fixed
+shapes (DeepseekV3Model.decode_static: no host sync, no data-dependent shape) over buffers this
+module owns, padded to buckets: batch sizes 1, 2, 4, 8, then multiples of 8, and context widths
+powers of two from `min_width`. One graph per (batch, width) bucket, captured the first time a
+step needs it, all in one memory pool (each graph's output is kept, so no capture reuses another's
+output memory; the step runs on one stream, so graphs never overlap).
+
+Backends: "cuda" captures torch.cuda.CUDAGraph. "fx" records the same step with torch.fx's make_fx
+-- the aten ops over the same buffers, Python's decisions fixed at capture as a CUDA graph fixes
+them -- and replays the recorded graph on any device: how a machine without a GPU checks that the
+step replays correctly (a value Python read at capture would be replayed stale there too).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .forward_batch import DecodeRows, ForwardBatch
+from .kv_cache import MLAKVCache
+from .model.deepseek_v3 import DeepseekV3Model
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("cuda", "fx")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    max_batch: int = 64  # decode steps with more sequences run eagerly
+    max_context: int = 8192  # ... and steps where a context is longer
+    min_width: int = 128  # the narrowest context bucket
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.min_width < 1 or self.max_context < self.min_width:
+            raise ValueError(f"bad decode graph sizes: {self}")
+
+    def batch_bucket(self, n: int) -> int:
+        """The captured batch size a step of n sequences runs at."""
+        if n <= 8:
+            return 1 << (n - 1).bit_length()
+        return min(-(-n // 8) * 8, self.max_batch) if n <= self.max_batch else n
+
+    def width_bucket(self, length: int) -> int:
+        """The captured context width a longest context of `length` slots runs at."""
+        return min(max(self.min_width, 1 << (length - 1).bit_length()), self.max_context)
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], torch.Tensor | None]
+    output: torch.Tensor | None  # the CUDA graph's static output; None: replay returns it (fx)
+
+
+class DecodeGraphs:
+    """Pure-decode steps of one model and KV cache as replayed graphs (see the module docstring)."""
+
+    def __init__(self, model: DeepseekV3Model, kv: MLAKVCache, config: GraphConfig | None = None,
+                 backend: str = "cuda"):
+        if backend not in BACKENDS:
+            raise ValueError(f"decode graph backend {backend!r}: choose one of {BACKENDS}")
+        reason = model.static_unsupported()
+        if reason:
+            raise ValueError(f"this model's decode step cannot be captured: {reason}")
+        device = kv.joint.device
+        if backend == "cuda" and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a GPU, not {device}")
+        self.model, self.kv, self.backend = model, kv, backend
+        self.config = config or GraphConfig()
+        if self.config.max_context > kv.num_slots:
+            self.config = GraphConfig(self.config.max_batch, max(kv.num_slots, self.config.min_width),
+                                      self.config.min_width)
+        b, w = self.config.max_batch, self.config.max_context
+        long = dict(dtype=torch.long, device=device)
+        self._ids, self._positions, self._out_slots = (torch.zeros(b, **long) for _ in range(3))
+        self._lens = torch.ones(b, **long)
+        self._valid = torch.zeros(b, dtype=torch.bool, device=device)
+        self._slots = torch.zeros(b * w, **long)  # each bucket's [B, W] table is a view of its start
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
+        self.replays = 0
+
+    @property
+    def captured(self) -> list[tuple[int, int]]:
+        """The (batch, width) buckets captured so far."""
+        return sorted(self._graphs)
+
+    def serves(self, batch: ForwardBatch) -> bool:
+        """Whether `batch` is a decode step these graphs run: one new token for every sequence, no
+        more sequences than max_batch, no context longer than max_context."""
+        n = batch.num_seqs
+        return (0 < n <= self.config.max_batch and batch.num_tokens == n
+                and max(c.numel() for c in batch.ctx_slots) <= self.config.max_context)
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """The final hidden states [n, H] of a decode step (serves(batch) must hold)."""
+        n = batch.num_seqs
+        lens = [c.numel() for c in batch.ctx_slots]
+        key = (self.config.batch_bucket(n), self.config.width_bucket(max(lens)))
+        rows = self._rows(*key)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._capture(rows)
+            log.info("decode graph captured (%s): batch %d, context width %d; %d graphs", self.backend, *key,
+                     len(self._graphs))
+        self._fill(rows, batch, lens)
+        out = graph.replay()
+        self.replays += 1
+        return (graph.output if out is None else out)[:n]
+
+    def _rows(self, b: int, w: int) -> DecodeRows:
+        return DecodeRows(self._ids[:b], self._positions[:b], self._out_slots[:b], self._slots[: b * w].view(b, w),
+                          self._lens[:b], self._valid[:b])
+
+    def _fill(self, rows: DecodeRows, batch: ForwardBatch, lens: list[int]) -> None:
+        """The step's inputs copied into the graph's buffers; rows past the batch are padding."""
+        n, device = batch.num_seqs, self._ids.device
+        self._padding(rows)
+        rows.input_ids[:n].copy_(batch.input_ids)
+        rows.positions[:n].copy_(batch.positions)
+        rows.out_slots[:n].copy_(batch.out_slots)
+        rows.lens[:n].copy_(torch.tensor(lens, dtype=torch.long), non_blocking=True)
+        rows.valid[:n] = True
+        table = torch.nn.utils.rnn.pad_sequence([c.to(device) for c in batch.ctx_slots], batch_first=True)
+        rows.slots[:n, : table.shape[1]].copy_(table)
+
+    @staticmethod
+    def _padding(rows: DecodeRows) -> None:
+        """Every row padding: token 0 at position 0, written to slot 0 (never handed out), its
+        context that one slot, not counted in the expert load."""
+        rows.input_ids.zero_()
+        rows.positions.zero_()
+        rows.out_slots.zero_()
+        rows.lens.fill_(1)
+        rows.valid.zero_()
+
+    def _capture(self, rows: DecodeRows) -> _Graph:
+        """A graph of one step over `rows`' buffers. Capture runs with every row padding: what the
+        warm-up runs (and make_fx's tracing, which executes) write goes to slot 0 and no load is
+        counted; warm-up also builds the model's lazy caches (absorbed kv_b_proj, load counters)
+        outside the graph's memory."""
+        self._padding(rows)
+        step = lambda: self.model.decode_static(rows, self.kv)  # noqa: E731
+        if self.backend == "fx":
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            with torch.inference_mode():
+                traced = make_fx(step)()
+
+            def replay() -> torch.Tensor:
+                with torch.inference_mode():  # (the recorded ops read inference tensors)
+                    return traced()
+
+            return _Graph(replay, None)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = step()
+        return _Graph(lambda: graph.replay(), output)
