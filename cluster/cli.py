@@ -80,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         engine = Engine(EngineConfig(args.checkpoint, dtype=args.dtype, ep_size=args.ep_size, scheduler=sched,
                                      progress=sys.stderr.isatty(), device=args.device, eplb=eplb,
                                      keep_fp8=not args.dequantize_fp8, int8_lm_head=args.int8_lm_head,
-                                     greedy_head_screen=args.greedy_head_screen),
+                                     greedy_head_screen=args.greedy_head_screen, decode_graphs=args.decode_graphs),
                         placement=placement)
     except PlacementError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optional speed mode (CPU): the lm_head in dynamic int8; logits move ~1%%, tokens may differ")
     g.add_argument("--no-greedy-head-screen", dest="greedy_head_screen", action="store_false",
                    help="CPU bf16: drop the lm_head's int8 screen for greedy rows (same tokens; saves 1 byte per head weight)")
+    g.add_argument("--decode-graphs", choices=["auto", "off", "fx"], default="auto",
+                   help="auto: decode steps replayed from CUDA graphs where the model allows (GPU); fx: recorded "
+                        "with torch.fx on any device (a check of the capture, slower on CPU); off: eager")
     g.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     g.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
     g.add_argument("--cpus-per-rank", type=float, default=0.5)

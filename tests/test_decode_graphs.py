@@ -196,3 +196,19 @@ def test_worker_settings(tiny_ckpt, tiny_fp8_ckpt):
     assert "FP8-resident" in _worker(tiny_fp8_ckpt, decode_graphs="off").model.static_unsupported()
     with pytest.raises(ValueError, match="decode_graphs 'yes'"):
         _worker(tiny_ckpt, decode_graphs="yes")
+
+
+def test_deploy_config_reaches_the_worker(tmp_path):
+    """model.decode_graphs (true / false) in a deploy config is what the replica's engine hands each
+    worker (auto / off); another value is refused naming its key."""
+    from expertmesh.cluster.config import ConfigError, load_config
+    from expertmesh.cluster.serve.replica import engine_config_from
+
+    text = "name: d\nmodel:\n  checkpoint: ./ckpt\n  decode_graphs: {}\nparallel:\n  ep_size: 1\n"
+    path = tmp_path / "cfg.yaml"
+    for value, setting in (("true", "auto"), ("false", "off")):
+        path.write_text(text.format(value))
+        assert engine_config_from(load_config(path)).decode_graphs == setting
+    path.write_text(text.format("always"))
+    with pytest.raises(ConfigError, match="decode_graphs"):
+        load_config(path)

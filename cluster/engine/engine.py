@@ -8,6 +8,7 @@ it from one thread and hands deltas to asyncio.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,8 @@ class EngineConfig:
     int8_lm_head: bool = False
     # CPU bf16: the lm_head's int8 screen for greedy rows (actors/model/greedy_head.py): same tokens
     greedy_head_screen: bool = True
+    # Decode steps as captured graphs (actors/decode_graphs.py): auto (CUDA graphs on a GPU), fx, off
+    decode_graphs: str = field(default_factory=lambda: os.environ.get("EXPERTMESH_DECODE_GRAPHS", "auto"))
 
 
 @dataclass
@@ -110,7 +113,7 @@ class Engine:
                           progress=self.config.progress, seed=self.config.seed, device=self.config.device,
                           redundant_experts=redundant_slots(self.config.eplb, self.config.ep_size),
                           keep_fp8=self.config.keep_fp8, int8_lm_head=self.config.int8_lm_head,
-                          greedy_head_screen=self.config.greedy_head_screen)
+                          greedy_head_screen=self.config.greedy_head_screen, decode_graphs=self.config.decode_graphs)
 
     @property
     def max_sequence_tokens(self) -> int:

@@ -39,7 +39,8 @@ def engine_config_from(cfg: DeployConfig):
                         sampling_overrides=cfg.model.sampling_defaults.model_dump(exclude_none=True),
                         default_max_tokens=s.default_max_tokens, rebuild_in_place=cfg.parallel.rebuild_in_place,
                         eplb=EplbConfig(**cfg.eplb.model_dump()), keep_fp8=cfg.model.keep_fp8,
-                        int8_lm_head=cfg.model.int8_lm_head, greedy_head_screen=cfg.model.greedy_head_screen)
+                        int8_lm_head=cfg.model.int8_lm_head, greedy_head_screen=cfg.model.greedy_head_screen,
+                        decode_graphs="auto" if cfg.model.decode_graphs else "off")
 
 
 def placement_from(cfg: DeployConfig, placement_group=None, first_bundle: int = 1):
