@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 BACKENDS = ("cuda", "fx")
 
 
+class CaptureError(RuntimeError):
+    """A step could not be captured (nothing of it ran but the warm-up's padding rows)."""
+
+
 @dataclass(frozen=True)
 class GraphConfig:
     max_batch: int = 64  # decode steps with more sequences run eagerly
@@ -106,7 +110,12 @@ class DecodeGraphs:
         rows = self._rows(*key)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = self._capture(rows)
+            try:
+                graph = self._capture(rows)
+            except Exception as exc:
+                raise CaptureError(f"capturing the decode step at batch {key[0]}, width {key[1]} ({self.backend}) "
+                                   f"failed: {exc!r}") from exc
+            self._graphs[key] = graph
             log.info("decode graph captured (%s): batch %d, context width %d; %d graphs", self.backend, *key,
                      len(self._graphs))
         self._fill(rows, batch, lens)

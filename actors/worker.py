@@ -217,9 +217,8 @@ class ModelWorker:
         if batch.num_tokens:
             self._snapshot_load()  # before the step's tokens are counted: windows start at a step
         out = StepOutput(rank=self.rank)
-        if self.graphs is not None and self.graphs.serves(batch):
-            hidden = self.graphs.run(batch)
-        else:
+        hidden = self._graph_step(batch)
+        if hidden is None:
             hidden = self.model(batch, self.kv)
         sample_rows = [i for i, s in enumerate(work.seqs) if s.sample]
         if sample_rows:
@@ -244,6 +243,21 @@ class ModelWorker:
         out.timings = self.profiler.timings()
         out.timings.total = time.perf_counter() - t0
         return out
+
+    def _graph_step(self, batch: ForwardBatch) -> torch.Tensor | None:
+        """The step's hidden states replayed from a decode graph, or None where it runs eagerly. A
+        capture that fails turns the graphs off for this worker (logged) and the step runs eagerly:
+        a GPU or driver the capture does not suit costs speed, not requests."""
+        if self.graphs is None or not self.graphs.serves(batch):
+            return None
+        from .decode_graphs import CaptureError
+
+        try:
+            return self.graphs.run(batch)
+        except CaptureError:
+            log.exception("rank %d: decode graphs off, decode steps run eagerly from now on", self.rank)
+            self.graphs = None
+            return None
 
     def _batch(self, work: StepInput) -> ForwardBatch:
         if not work.seqs:

@@ -212,3 +212,33 @@ def test_deploy_config_reaches_the_worker(tmp_path):
     path.write_text(text.format("always"))
     with pytest.raises(ConfigError, match="decode_graphs"):
         load_config(path)
+
+
+def test_a_failed_capture_turns_graphs_off_and_loses_no_step(tiny_ckpt, caplog):
+    """A capture that fails (here: the step refuses to be traced, as a GPU the capture does not suit
+    would) is logged, the worker's graphs are dropped and that step and the next run eagerly, with
+    the tokens an eager worker gives."""
+    from expertmesh.actors.sampling_params import SamplingParams as Params
+    from expertmesh.actors.step import NewRequest, SeqWork, StepInput
+
+    def tokens(worker):
+        p = PROMPTS[3]
+        first = worker.step(StepInput(new_requests=[NewRequest("r", p, Params(max_tokens=4, temperature=0), [])],
+                                      seqs=[SeqWork("r", p, list(range(1, len(p) + 1)), sample=True)]))
+        out = [first.sampled[0].token_id]
+        for i in range(3):
+            res = worker.step(StepInput(seqs=[SeqWork("r", [out[-1]], [len(p) + 1 + i], sample=True)]))
+            out.append(res.sampled[0].token_id)
+        return out
+
+    worker = _worker(tiny_ckpt, decode_graphs="fx")
+
+    def untraceable(rows, kv):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    worker.model.decode_static = untraceable
+    with caplog.at_level("ERROR"):
+        got = tokens(worker)
+    assert worker.graphs is None
+    assert "decode graphs off" in caplog.text and "operation not permitted" in caplog.text
+    assert got == tokens(_worker(tiny_ckpt, decode_graphs="off"))
