@@ -63,6 +63,9 @@ class ForwardBatch:
     out_slots: torch.Tensor  # [T] KV slot each new token is written to
     extend_lens: list[int]  # new tokens per sequence
     ctx_slots: list[torch.Tensor]  # per sequence: slots of its whole context (cached + new), in order
+    # the same on the host where ctx_slots live on a GPU (the worker builds both): tables are built
+    # from these without a device-to-host copy, and sync, per sequence; None: copied when needed
+    ctx_host: list[torch.Tensor] | None = None
     # Built once per step by prepare(), shared by every layer:
     starts: list[int] = field(default_factory=list)  # first row of each sequence in [T]
     decode_seqs: list[int] = field(default_factory=list)  # sequences decoded together (one new token each)
@@ -85,7 +88,7 @@ class ForwardBatch:
             self.starts.append(self.starts[-1] + n)
         decode = [i for i, n in enumerate(self.extend_lens) if n == 1]
         if decode:
-            ctx = [self.ctx_slots[i].cpu() for i in decode]
+            ctx = [self.host_ctx()[i] for i in decode]
             shared = shared_prefix_len(ctx)
             lens = [c.numel() - shared for c in ctx]
             width = max(lens)
@@ -99,9 +102,15 @@ class ForwardBatch:
             self.decode_pad = (torch.arange(width).unsqueeze(0) >= self.decode_lens.unsqueeze(1)).to(device)
             self.decode_lens = self.decode_lens.to(device)
             self.decode_shared = ctx[0][:shared].to(device)
-        extend = [self.ctx_slots[i].cpu() for i, n in enumerate(self.extend_lens) if n > 1]
+        extend = [self.host_ctx()[i] for i, n in enumerate(self.extend_lens) if n > 1]
         self.extend_shared = extend[0][: shared_prefix_len(extend)].to(device) if extend else None
         return self
+
+    def host_ctx(self) -> list[torch.Tensor]:
+        """ctx_slots on the host."""
+        if self.ctx_host is None:
+            self.ctx_host = [c.cpu() for c in self.ctx_slots]
+        return self.ctx_host
 
     def attend_plan(self) -> AttendPlan:
         """All rows, decode and prefill, for one mla_attend call per layer; built on first use and
@@ -112,7 +121,7 @@ class ForwardBatch:
                                            torch.arange(self.num_tokens, device=self.input_ids.device),
                                            self.decode_lens)
         if self._attend_plan is None:
-            ctx = [c.cpu() for c in self.ctx_slots]
+            ctx = self.host_ctx()
             shared = shared_prefix_len(ctx)
             own = [c.numel() - shared for c in ctx]
             table = torch.zeros(len(ctx), max(own, default=0), dtype=torch.long)

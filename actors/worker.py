@@ -262,7 +262,7 @@ class ModelWorker:
     def _batch(self, work: StepInput) -> ForwardBatch:
         if not work.seqs:
             return ForwardBatch.empty(self.device)
-        ids, pos, out_slots, lens, ctx = [], [], [], [], []
+        ids, pos, out_slots, lens, ctx, host = [], [], [], [], [], []
         for s in work.seqs:
             prev = self.slots[s.request_id]
             new = torch.tensor(s.slots, dtype=torch.long)
@@ -273,5 +273,8 @@ class ModelWorker:
             out_slots.append(new)
             lens.append(len(s.token_ids))
             ctx.append(full.to(self.device))
+            host.append(full)
+        # not prepared here: a decode graph needs none of prepare()'s tables, the model's forward
+        # prepares the batch it runs
         return ForwardBatch(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
-                            torch.cat(out_slots).to(self.device), lens, ctx).prepare()
+                            torch.cat(out_slots).to(self.device), lens, ctx, host)
