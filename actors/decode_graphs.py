@@ -6,8 +6,11 @@ call. Capture fixes shapes, pointers and every decision Python made, so the step
 shapes (DeepseekV3Model.decode_static: no host sync, no data-dependent shape) over buffers this
 module owns, padded to buckets: batch sizes 1, 2, 4, 8, then multiples of 8, and context widths
 powers of two from `min_width`. One graph per (batch, width) bucket, captured the first time a
-step needs it, all in one memory pool (each graph's output is kept, so no capture reuses another's
-output memory; the step runs on one stream, so graphs never overlap).
+step needs it, all in one memory pool: a graph's scratch memory may hold another's output, so
+what `run` returns is valid until the next `run` (the worker samples from it first), and graphs
+run one at a time on one stream. A graph holds the weights' and the KV cache's memory as they were
+at capture: weights that move (none do at ep_size 1 after loading; EPLB needs expert parallelism,
+where steps run eagerly) would need the graphs dropped.
 
 Backends: "cuda" captures torch.cuda.CUDAGraph. "fx" records the same step with torch.fx's make_fx
 -- the aten ops over the same buffers, Python's decisions fixed at capture as a CUDA graph fixes
@@ -48,7 +51,7 @@ class GraphConfig:
     def batch_bucket(self, n: int) -> int:
         """The captured batch size a step of n sequences runs at."""
         if n <= 8:
-            return 1 << (n - 1).bit_length()
+            return min(1 << (n - 1).bit_length(), max(n, self.max_batch))
         return min(-(-n // 8) * 8, self.max_batch) if n <= self.max_batch else n
 
     def width_bucket(self, length: int) -> int:
@@ -109,7 +112,7 @@ class DecodeGraphs:
         key = (self.config.batch_bucket(n), self.config.width_bucket(max(lens)))
         rows = self._rows(*key)
         graph = self._graphs.get(key)
-        if graph is None:
+        if graph is None:  # (rows and key are in range: serves() held)
             try:
                 graph = self._capture(rows)
             except Exception as exc:
@@ -129,20 +132,21 @@ class DecodeGraphs:
 
     def _fill(self, rows: DecodeRows, batch: ForwardBatch, lens: list[int]) -> None:
         """The step's inputs copied into the graph's buffers; rows past the batch are padding."""
-        n, device = batch.num_seqs, self._ids.device
+        n = batch.num_seqs
         self._padding(rows)
         rows.input_ids[:n].copy_(batch.input_ids)
         rows.positions[:n].copy_(batch.positions)
         rows.out_slots[:n].copy_(batch.out_slots)
-        rows.lens[:n].copy_(torch.tensor(lens, dtype=torch.long), non_blocking=True)
+        rows.lens[:n].copy_(torch.tensor(lens, dtype=torch.long))
         rows.valid[:n] = True
-        table = torch.nn.utils.rnn.pad_sequence([c.to(device) for c in batch.ctx_slots], batch_first=True)
+        table = torch.nn.utils.rnn.pad_sequence(batch.host_ctx(), batch_first=True)  # one copy to the device
         rows.slots[:n, : table.shape[1]].copy_(table)
 
     @staticmethod
     def _padding(rows: DecodeRows) -> None:
         """Every row padding: token 0 at position 0, written to slot 0 (never handed out), its
         context that one slot, not counted in the expert load."""
+        rows.slots[:, 0] = 0
         rows.input_ids.zero_()
         rows.positions.zero_()
         rows.out_slots.zero_()
@@ -150,15 +154,17 @@ class DecodeGraphs:
         rows.valid.zero_()
 
     def _capture(self, rows: DecodeRows) -> _Graph:
-        """A graph of one step over `rows`' buffers. Capture runs with every row padding: what the
-        warm-up runs (and make_fx's tracing, which executes) write goes to slot 0 and no load is
-        counted; warm-up also builds the model's lazy caches (absorbed kv_b_proj, load counters)
-        outside the graph's memory."""
+        """A graph of one step over `rows`' buffers. Every row is padding while it is made, so what
+        the warm-up runs (and make_fx's tracing, which executes) write goes to slot 0 and no load is
+        counted; the warm-up builds the model's lazy caches (absorbed kv_b_proj, load counters)
+        before capture, outside the graph (a cache built while tracing would be rebuilt, empty, at
+        every replay)."""
         self._padding(rows)
         step = lambda: self.model.decode_static(rows, self.kv)  # noqa: E731
         if self.backend == "fx":
             from torch.fx.experimental.proxy_tensor import make_fx
 
+            step()
             with torch.inference_mode():
                 traced = make_fx(step)()
 
@@ -167,13 +173,25 @@ class DecodeGraphs:
                     return traced()
 
             return _Graph(replay, None)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = step()
-        return _Graph(lambda: graph.replay(), output)
+        device = self._ids.device
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            try:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        step()
+                current.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a CUDA call from another thread (Ray's) cannot invalidate the capture
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    output = step()
+            finally:  # a capture that failed at its end can leave its stream current
+                torch.cuda.set_stream(current)
+
+        def replay_cuda() -> None:
+            with torch.cuda.device(device):
+                graph.replay()
+
+        return _Graph(replay_cuda, output)

@@ -313,7 +313,10 @@ def moe_timing(entry: dict, ckpt: Path, device: str, token_counts, reps: int) ->
 def decode_step(entry: dict, ckpt: Path, device: str, batch: int, steps: int) -> None:
     from expertmesh.actors.worker import ModelWorker, WorkerSpec
 
-    worker = ModelWorker(WorkerSpec(str(ckpt), "bfloat16", kv_slots=batch * (136 + steps + 8) + 16, device=device))
+    # eager (decode_graphs off): the per-part split comes from spans a replayed graph does not have;
+    # decode_graphs_bf16 times the graphs
+    worker = ModelWorker(WorkerSpec(str(ckpt), "bfloat16", kv_slots=batch * (136 + steps + 8) + 16, device=device,
+                                    decode_graphs="off"))
     worker.profiler.sync_cuda = device.startswith("cuda")  # spans measure device time, not launch time
     prompts = benchlib.random_prompts(batch, 120, 136, seed=5)
     timed: list = []
@@ -354,6 +357,8 @@ def decode_graph_check(entry: dict, ckpt: Path, device: str, batches, steps: int
             tokens = driver.generate(prompts, steps + 1, "t", timed)
             run[name] = (worker, tokens, benchlib.median([w for w, _ in timed]) * 1e3, driver.next_slot)
         worker, start = run["graphs"][0], run["graphs"][3]
+        if worker.graphs is None or not worker.graphs.replays:
+            raise AssertionError(f"batch {batch}: no step was replayed from a graph (a failed capture is logged)")
         # one decode step both ways on the same cache: prompts prefilled, one new token each
         ctx = []
         for p in prompts:
@@ -403,8 +408,9 @@ def fp8_check(entry: dict, tiny_fp8: Path, small_fp8: Path, device: str, steps: 
     for keep in (True, False):
         side = "resident" if keep else "at_load"
         for batch in (1, 64):
+            # both eager: resident FP8 cannot be captured, and the two sides compare like for like
             worker = ModelWorker(WorkerSpec(str(small_fp8), "bfloat16", kv_slots=batch * (136 + steps + 8) + 16,
-                                            device=device, keep_fp8=keep))
+                                            device=device, keep_fp8=keep, decode_graphs="off"))
             worker.profiler.sync_cuda = device.startswith("cuda")
             timed: list = []
             WorkerDriver(worker).generate(benchlib.random_prompts(batch, 120, 136, seed=5), steps + 1, "p", timed)

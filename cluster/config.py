@@ -108,7 +108,7 @@ class ModelSection(_Section):
     # step). Costs 1 byte per head weight (+0.9 GB for DeepSeek-R1's head); false saves it.
     greedy_head_screen: bool = True
     # GPU decode steps replayed from captured CUDA graphs (actors/decode_graphs.py) where the model's
-    # step takes fixed shapes (bf16 dense experts, ep_size 1, sm90 or later); elsewhere, and on CPU,
+    # step takes fixed shapes (bf16 dense experts, ep_size 1, sm90 / sm100); elsewhere, and on CPU,
     # steps run eagerly and the reason is logged. false runs them eagerly everywhere.
     decode_graphs: bool = True
     # What an unset temperature / top_p / top_k means; unset keys fall back to the checkpoint's

@@ -242,3 +242,26 @@ def test_a_failed_capture_turns_graphs_off_and_loses_no_step(tiny_ckpt, caplog):
     assert worker.graphs is None
     assert "decode graphs off" in caplog.text and "operation not permitted" in caplog.text
     assert got == tokens(_worker(tiny_ckpt, decode_graphs="off"))
+
+
+def test_small_max_batch_buckets_stay_in_the_buffers(tiny_ckpt):
+    """max_batch below 8 and not a power of two: the bucket of 5 rows is 6, not 8 (the buffers hold
+    6), and a step of 5 sequences runs."""
+    cfg = GraphConfig(max_batch=6)
+    assert [cfg.batch_bucket(n) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    worker = _worker(tiny_ckpt, decode_graphs="off")
+    batch = _decode_batch(worker, PROMPTS[1:6])
+    graphs = DecodeGraphs(worker.model, worker.kv, cfg, backend="fx")
+    assert graphs.run(batch).shape[0] == 5 and graphs.captured == [(6, 128)]
+
+
+def test_first_step_of_all_decode_shaped_counts_its_load(tiny_ckpt):
+    """A graph captured before any eager step (one-token prompts): the expert load's accumulator is
+    made by the warm-up, outside the recording, so replays count into it."""
+    worker = _worker(tiny_ckpt, decode_graphs="off")
+    graphs = DecodeGraphs(worker.model, worker.kv, backend="fx")
+    slots = [torch.tensor([1]), torch.tensor([2])]
+    batch = ForwardBatch(torch.tensor([5, 9]), torch.tensor([0, 0]), torch.tensor([1, 2]), [1, 1], slots)
+    graphs.run(batch)
+    k = worker.config.num_experts_per_tok
+    assert (worker.expert_load().sum(dim=1) == 2 * k).all()

@@ -253,7 +253,7 @@ class ExpertWeights(nn.Module):
     def static_unsupported(self) -> str | None:
         """Why `routed_static` cannot compute these experts (None: it can): it needs the dense
         stacks of every expert in order, and a grouped GEMM that takes its group offsets on the
-        device (torch._grouped_mm: on CUDA its CUTLASS path, bf16 on sm90 and later; sm80 falls
+        device (torch._grouped_mm: on CUDA its CUTLASS path, bf16 on sm90 and sm100; other GPUs fall
         back to a loop that reads the offsets on the host, which a graph cannot capture)."""
         if self.packed is not None or self.fp8_block is not None:
             return "oneDNN-packed or FP8-resident experts (one expert at a time)"
@@ -265,7 +265,7 @@ class ExpertWeights(nn.Module):
             if self.w13.dtype != torch.bfloat16:
                 return f"_grouped_mm on CUDA takes bf16, not {self.w13.dtype}"
             major = torch.cuda.get_device_capability(self.w13.device)[0]
-            if not 9 <= major <= 12:
+            if major not in (9, 10):
                 return f"sm{major}x: _grouped_mm reads its offsets on the host there"
         return None
 
