@@ -371,6 +371,7 @@ def ab_child(args) -> int:
             if isinstance(mapping, dict) and "expertmesh.actors" in mapping:
                 mapping["expertmesh.actors"] = actors
         importlib.invalidate_caches()
+        _older_worker_spec()
     benchlib.setup_env(args.threads)
     ckpt = benchlib.ensure_checkpoint(args.preset)
     eng = load_engine(ckpt, args.dtype, True, 40_000)
@@ -382,6 +383,25 @@ def ab_child(args) -> int:
     eng.shutdown()
     print("AB-RESULT " + json.dumps(res), flush=True)
     return 0
+
+
+def _older_worker_spec() -> None:
+    """The other side's WorkerSpec may predate a field today's engine hands it (decode_graphs, say):
+    such fields are dropped, with a line on stderr, so that side runs as it did."""
+    import dataclasses
+
+    from expertmesh.actors.worker import WorkerSpec
+    from expertmesh.cluster.engine import engine as engine_module
+
+    known = {f.name for f in dataclasses.fields(WorkerSpec)}
+
+    def spec(**kwargs) -> WorkerSpec:
+        dropped = sorted(set(kwargs) - known)
+        if dropped:
+            print(f"ab: the base's WorkerSpec has no {', '.join(dropped)}: not passed", file=sys.stderr)
+        return WorkerSpec(**{k: v for k, v in kwargs.items() if k in known})
+
+    engine_module.WorkerSpec = spec
 
 
 def ab_main(args) -> int:
