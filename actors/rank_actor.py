@@ -55,6 +55,7 @@ class RankActor:
             "expert_range": list(self.worker.expert_range),
             "routed_expert_params": self.worker.routed_expert_param_count(),
             "weight_bytes": self.worker.model.weight_bytes(),
+            "decode_graphs": self.worker.decode_graphs_status,
             "read_tensor_names": sorted(self.worker.read_tensor_names),
         }
 

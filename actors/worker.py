@@ -131,18 +131,25 @@ class ModelWorker:
                  wb["fp8"] / 2**20, wb["scales"] / 2**20, wb["dense"] / 2**20)
 
     def _decode_graphs(self, spec: WorkerSpec):
-        """The decode graphs this worker replays (decode_graphs.py), or None."""
+        """The decode graphs this worker replays (decode_graphs.py), or None; `decode_graphs_status`
+        says which, or why none (a rank's status shows it)."""
         if spec.decode_graphs not in ("auto", "fx", "off"):
             raise ValueError(f"decode_graphs {spec.decode_graphs!r}: choose auto, fx or off")
-        if spec.decode_graphs == "off" or (spec.decode_graphs == "auto" and self.device.type != "cuda"):
+        if spec.decode_graphs == "off":
+            self.decode_graphs_status = "off (the setting)"
+            return None
+        if spec.decode_graphs == "auto" and self.device.type != "cuda":
+            self.decode_graphs_status = f"off ({self.device.type}: none captured)"
             return None
         from .decode_graphs import DecodeGraphs, GraphConfig
 
         reason = self.model.static_unsupported() if spec.ep_size == 1 else "expert parallelism"
         if reason:
             log.info("decode steps run eagerly, not as graphs: %s", reason)
+            self.decode_graphs_status = f"off ({reason})"
             return None
         backend = "cuda" if spec.decode_graphs == "auto" else "fx"
+        self.decode_graphs_status = f"on ({backend}, up to batch {spec.decode_graph_max_batch})"
         return DecodeGraphs(self.model, self.kv, GraphConfig(max_batch=spec.decode_graph_max_batch), backend)
 
     def set_group(self, process_group) -> None:
@@ -254,9 +261,10 @@ class ModelWorker:
 
         try:
             return self.graphs.run(batch)
-        except CaptureError:
+        except CaptureError as exc:
             log.exception("rank %d: decode graphs off, decode steps run eagerly from now on", self.rank)
             self.graphs = None
+            self.decode_graphs_status = f"off (a capture failed: {exc})"
             return None
 
     def _batch(self, work: StepInput) -> ForwardBatch:

@@ -190,9 +190,12 @@ def test_buckets_and_what_runs_eagerly(tiny_ckpt):
 def test_worker_settings(tiny_ckpt, tiny_fp8_ckpt):
     """"auto" on CPU captures nothing; a model whose step cannot take fixed shapes runs eagerly with
     the reason logged; an unknown setting is refused."""
-    assert _worker(tiny_ckpt).graphs is None  # auto, CPU
-    assert _worker(tiny_ckpt, decode_graphs="fx").graphs is not None
-    assert _worker(tiny_fp8_ckpt, decode_graphs="fx").graphs is None  # FP8-resident experts
+    auto = _worker(tiny_ckpt)
+    assert auto.graphs is None and auto.decode_graphs_status == "off (cpu: none captured)"
+    fx = _worker(tiny_ckpt, decode_graphs="fx")
+    assert fx.graphs is not None and fx.decode_graphs_status == "on (fx, up to batch 64)"
+    fp8 = _worker(tiny_fp8_ckpt, decode_graphs="fx")  # FP8-resident experts
+    assert fp8.graphs is None and fp8.decode_graphs_status.startswith("off (oneDNN-packed or FP8-resident experts")
     assert "FP8-resident" in _worker(tiny_fp8_ckpt, decode_graphs="off").model.static_unsupported()
     with pytest.raises(ValueError, match="decode_graphs 'yes'"):
         _worker(tiny_ckpt, decode_graphs="yes")
@@ -239,7 +242,7 @@ def test_a_failed_capture_turns_graphs_off_and_loses_no_step(tiny_ckpt, caplog):
     worker.model.decode_static = untraceable
     with caplog.at_level("ERROR"):
         got = tokens(worker)
-    assert worker.graphs is None
+    assert worker.graphs is None and worker.decode_graphs_status.startswith("off (a capture failed")
     assert "decode graphs off" in caplog.text and "operation not permitted" in caplog.text
     assert got == tokens(_worker(tiny_ckpt, decode_graphs="off"))
 

@@ -131,8 +131,11 @@ def test_main_job_from_a_fresh_home(tmp_path, user_env, tiny_ckpt):
         rank_names = {r["actor_name"] for r in replica["ranks"]}
         assert all(n.endswith(f"rank-{r['rank']}") for n, r in zip(sorted(rank_names), replica["ranks"]))
         assert status["dashboard"] == state["dashboard"] and status["metrics"]
+        # each rank says whether its decode steps replay graphs (CUDA only) and why not
+        assert all(r["decode_graphs"] == "off (cpu: none captured)" for r in replica["ranks"])
         text = em("status", "--name", "em-app-a", env=env, timeout=120)
         assert "Ray dashboard: http://127.0.0.1:" in text.stdout and "export RAY_ADDRESS=" in text.stdout
+        assert text.stdout.count("decode graphs off (cpu: none captured)") == 2
 
         # the operator's view: the dashboard API wants the token and lists the rank actors by name
         with pytest.raises(urllib.error.HTTPError):

@@ -45,7 +45,8 @@ class LocalExecutor:
         self.worker = ModelWorker(spec)
         self.info = [{"rank": 0, "expert_range": list(self.worker.expert_range),
                       "routed_expert_params": self.worker.routed_expert_param_count(),
-                      "weight_bytes": self.worker.model.weight_bytes(), "node": "local"}]
+                      "weight_bytes": self.worker.model.weight_bytes(), "node": "local",
+                      "decode_graphs": self.worker.decode_graphs_status}]
 
     def step(self, inputs: list[StepInput]) -> list[StepOutput]:
         return [self.worker.step(inputs[0])]

@@ -343,7 +343,8 @@ def status_main(argv: list[str]) -> int:
             wb = rank.get("weight_bytes") or {}
             weights = (f" weights {sum(wb.values()) / 2**20:.1f} MiB"
                        + (f" ({wb['fp8'] / 2**20:.1f} MiB fp8)" if wb.get("fp8") else "")) if wb else ""
-            print(f"    rank {rank['rank']} {held}{weights} node {rank.get('node')} actor {rank.get('actor_name')}")
+            graphs = f" decode graphs {rank['decode_graphs']}" if rank.get("decode_graphs") else ""
+            print(f"    rank {rank['rank']} {held}{weights} node {rank.get('node')} actor {rank.get('actor_name')}{graphs}")
         if r.get("eplb"):
             print("    " + eplb_line(r["eplb"]))
         if r.get("expert_load"):
