@@ -20,7 +20,7 @@ step replays correctly (a value Python read at capture would be replayed stale t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -81,8 +81,7 @@ class DecodeGraphs:
         self.model, self.kv, self.backend = model, kv, backend
         self.config = config or GraphConfig()
         if self.config.max_context > kv.num_slots:
-            self.config = GraphConfig(self.config.max_batch, max(kv.num_slots, self.config.min_width),
-                                      self.config.min_width)
+            self.config = replace(self.config, max_context=max(kv.num_slots, self.config.min_width))
         b, w = self.config.max_batch, self.config.max_context
         long = dict(dtype=torch.long, device=device)
         self._ids, self._positions, self._out_slots = (torch.zeros(b, **long) for _ in range(3))
@@ -133,7 +132,7 @@ class DecodeGraphs:
     def _fill(self, rows: DecodeRows, batch: ForwardBatch, lens: list[int]) -> None:
         """The step's inputs copied into the graph's buffers; rows past the batch are padding."""
         n = batch.num_seqs
-        self._padding(rows)
+        self._padding(rows, n)
         rows.input_ids[:n].copy_(batch.input_ids)
         rows.positions[:n].copy_(batch.positions)
         rows.out_slots[:n].copy_(batch.out_slots)
@@ -143,15 +142,15 @@ class DecodeGraphs:
         rows.slots[:n, : table.shape[1]].copy_(table)
 
     @staticmethod
-    def _padding(rows: DecodeRows) -> None:
-        """Every row padding: token 0 at position 0, written to slot 0 (never handed out), its
-        context that one slot, not counted in the expert load."""
-        rows.slots[:, 0] = 0
-        rows.input_ids.zero_()
-        rows.positions.zero_()
-        rows.out_slots.zero_()
-        rows.lens.fill_(1)
-        rows.valid.zero_()
+    def _padding(rows: DecodeRows, start: int = 0) -> None:
+        """Rows from `start` on padding: token 0 at position 0, written to slot 0 (never handed out),
+        its context that one slot, not counted in the expert load."""
+        rows.slots[start:, 0] = 0
+        rows.input_ids[start:] = 0
+        rows.positions[start:] = 0
+        rows.out_slots[start:] = 0
+        rows.lens[start:] = 1
+        rows.valid[start:] = False
 
     def _capture(self, rows: DecodeRows) -> _Graph:
         """A graph of one step over `rows`' buffers. Every row is padding while it is made, so what

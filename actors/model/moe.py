@@ -14,8 +14,9 @@ from ..profiling import NULL_PROFILER, StepProfiler
 
 class ExpertLoad:
     """Tokens routed to each expert of one layer, as seen by this rank (cumulative; the engine
-    takes differences over its sliding window). Counted in place on the activations' device (no
-    sync per layer); the fused CPU layer (`moe_layer`) adds into the same tensor."""
+    takes differences over its sliding window). Counted in place on the activations' device with
+    index_add_ (bincount would size its output on the host: a sync per layer on CUDA, and no graph
+    capture); the fused CPU layer (`moe_layer`) adds into the same tensor."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -27,9 +28,12 @@ class ExpertLoad:
             self._counts = torch.zeros(self.num_experts, dtype=torch.int64, device=device)
         return self._counts
 
-    def record(self, topk_ids: torch.Tensor) -> None:
+    def record(self, topk_ids: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Counts topk_ids [T, k]; `valid` [T] bool: only those rows (a captured step's padding is not)."""
         if topk_ids.numel():
-            self.accumulator(topk_ids.device).add_(torch.bincount(topk_ids.flatten(), minlength=self.num_experts))
+            ones = (torch.ones_like(topk_ids) if valid is None
+                    else valid.to(torch.int64).unsqueeze(1).expand_as(topk_ids))
+            self.accumulator(topk_ids.device).index_add_(0, topk_ids.flatten(), ones.flatten())
 
     @property
     def counts(self) -> torch.Tensor:
@@ -107,9 +111,7 @@ class MoE(nn.Module):
         `experts.static_unsupported()` to be None."""
         h = norm(x)
         topk_ids, topk_weights = self.gate(h)
-        k = topk_ids.shape[1]
-        self.load.accumulator(x.device).index_add_(0, topk_ids.flatten(),
-                                                   valid.to(torch.int64).unsqueeze(1).expand(-1, k).flatten())
+        self.load.record(topk_ids, valid)
         out = self.experts.routed_static(h, topk_ids, topk_weights).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(h)
