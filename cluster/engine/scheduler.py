@@ -284,15 +284,10 @@ class Scheduler:
         for other in self.running.values():
             if not other.prefilling:
                 continue
-            limit = min(len(req.prompt) - 1, len(other.prompt))
-            if limit - other.cached_tokens < page:
-                continue
-            common = 0
-            for a, b in zip(req.prompt[:limit], other.prompt[:limit]):
-                if a != b:
-                    break
-                common += 1
-            if common - other.cached_tokens >= page:
+            # a page past what `other` found cached is shared iff that many leading tokens are
+            # equal: one list comparison in C, not a Python loop over a long prompt per step
+            n = other.cached_tokens + page
+            if n <= min(len(req.prompt) - 1, len(other.prompt)) and req.prompt[:n] == other.prompt[:n]:
                 return True
         return False
 
