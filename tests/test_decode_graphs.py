@@ -268,3 +268,68 @@ def test_first_step_of_all_decode_shaped_counts_its_load(tiny_ckpt):
     graphs.run(batch)
     k = worker.config.num_experts_per_tok
     assert (worker.expert_load().sum(dim=1) == 2 * k).all()
+
+
+class HostTensorGuard(TorchDispatchMode):
+    """Records every op where a tensor on the host meets one on the device: on a GPU an H2D copy
+    inside the step (a capture refuses it, or bakes in what it held at capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        if any(a.device.type != "cpu" for a in flat) and any(a.device.type == "cpu" and a.dim() > 0 for a in flat):
+            self.found.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _meta_batch(lengths: list[int]) -> ForwardBatch:
+    """A decode step over contexts of these lengths, its tensors on the meta device (the host copy
+    of the slot table stays on the host, as the worker hands it)."""
+    host = [torch.arange(n) % 1000 + 1 for n in lengths]
+    n = len(lengths)
+    return ForwardBatch(torch.full((n,), 5, device="meta"), torch.tensor(lengths, device="meta") - 1,
+                        torch.full((n,), 7, device="meta"), [1] * n, [c.to("meta") for c in host], host)
+
+
+def test_the_gpu_step_runs_off_the_host(tiny_ckpt):
+    """The step as a GPU runs it -- weights, KV cache and the graphs' buffers on a device that is
+    not the CPU, torch's ops (bf16, no CPU kernels) -- on PyTorch's meta device (shapes, no values:
+    no GPU needed), recorded and replayed through DecodeGraphs at two buckets. Meta tensors refuse a
+    host tensor beside them and any read of a value; HostTensorGuard sees the index tensors they
+    accept; _grouped_mm's meta function makes the checks its CUDA kernel makes (bf16, rows aligned
+    to 16 bytes)."""
+    worker = _worker(tiny_ckpt, "bfloat16", device="meta", cpu_kernels=False, prepack=False)
+    assert worker.decode_graphs_status == "off (meta: none captured)" and worker.model.static_unsupported() is None
+    graphs = DecodeGraphs(worker.model, worker.kv, backend="fx")
+    for lengths in ([40, 60, 3], [200] + [9] * 8, [50, 61, 2]):
+        hidden = graphs.run(_meta_batch(lengths))
+        assert hidden.device.type == "meta" and tuple(hidden.shape) == (len(lengths), worker.config.hidden_size)
+    assert graphs.captured == [(4, 128), (16, 256)] and graphs.replays == 3
+    rows = graphs._rows(4, 128)
+    with HostTensorGuard() as guard:
+        worker.model.decode_static(rows, worker.kv)
+    assert guard.found == []
+    with HostTensorGuard() as guard:  # the guard sees what it looks for
+        torch.ones(4, device="meta").index_add_(0, torch.tensor([1]).to("meta"), torch.ones(1, device="meta"))
+        torch.ones(4, device="meta")[torch.tensor([1, 2])]
+    assert guard.found == ["index"]
+
+
+def test_expert_sizes_the_gpu_grouped_gemm_refuses(tmp_path):
+    """Experts whose rows are not a multiple of 16 bytes: static_unsupported says so (decode steps
+    stay eager), and the grouped GEMM on a device that is not the CPU refuses them, as CUDA's does."""
+    from expertmesh.cluster.devtools.checkpoints import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "odd", preset="tiny", seed=0, overrides={"moe_intermediate_size": 20})
+    worker = _worker(ckpt, "bfloat16", device="meta", cpu_kernels=False, prepack=False)
+    assert "multiples of 16 bytes" in worker.model.static_unsupported()
+    experts = next(iter(worker.model.moe_layers())).experts
+    ids = torch.zeros(4, worker.config.num_experts_per_tok, dtype=torch.long, device="meta")
+    with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
+        experts.routed_static(torch.ones(4, worker.config.hidden_size, dtype=torch.bfloat16, device="meta"),
+                              ids, torch.ones(ids.shape, device="meta"))
+    on_cpu = _worker(ckpt, "bfloat16", decode_graphs="fx", cpu_kernels=False, prepack=False)
+    assert on_cpu.model.static_unsupported() is None  # (the CPU's grouped GEMM takes any size)

@@ -261,9 +261,14 @@ class ExpertWeights(nn.Module):
             return "experts placed in slots out of order (expert parallelism)"
         if not hasattr(torch, "_grouped_mm"):
             return "this torch has no _grouped_mm"
-        if self.w13.device.type == "cuda":
+        if self.w13.device.type != "cpu":  # CUDA's _grouped_mm (whose checks its meta function repeats)
             if self.w13.dtype != torch.bfloat16:
                 return f"_grouped_mm on CUDA takes bf16, not {self.w13.dtype}"
+            inter, hidden = self.w2.shape[2], self.w2.shape[1]
+            if inter % 8 or hidden % 8:
+                return (f"expert sizes {hidden} x {inter}: _grouped_mm on CUDA wants rows in multiples of "
+                        f"16 bytes (8 bf16)")
+        if self.w13.device.type == "cuda":
             major = torch.cuda.get_device_capability(self.w13.device)[0]
             if major not in (9, 10):
                 return f"sm{major}x: _grouped_mm reads its offsets on the host there"
