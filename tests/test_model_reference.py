@@ -43,11 +43,17 @@ def test_skewed_gate_really_is_skewed(tiny_skewed_ckpt):
     assert share > 0.6, f"experts 0-2 got only {share:.0%} of the routed tokens"
 
 
-def test_bf16_logits_agree_with_transformers_bf16(tiny_ckpt):
+@pytest.mark.parametrize("matmuls", ["native", "emulated"])
+def test_bf16_logits_agree_with_transformers_bf16(tiny_ckpt, matmuls, monkeypatch):
     """bf16 keeps 8 mantissa bits (relative step 2^-8 ≈ 0.4%): two correct bf16 implementations
     differ by rounding in every matmul. We require our bf16 logits to be as close to the fp32
     reference as transformers' own bf16 logits are (within 2x, plus a floor of 0.02), and to agree
-    with transformers' bf16 within 5% of the logit range."""
+    with transformers' bf16 within 5% of the logit range. "emulated": prefill attention as on a CPU
+    without bf16 matmul instructions (its scores multiplied in fp32, rounded once)."""
+    if matmuls == "emulated":
+        from expertmesh.actors.model import attention
+
+        monkeypatch.setattr(attention, "emulated_bf16", lambda t: t.dtype == torch.bfloat16 and t.device.type == "cpu")
     prompt = PROMPTS[4]
     ref32 = hf_logits(tiny_ckpt, prompt, torch.float32)
     ref16 = hf_logits(tiny_ckpt, prompt, torch.bfloat16)
