@@ -130,9 +130,15 @@ def test_kill_rank_then_replica_loses_no_request_and_no_token(app):
 
         from ray import serve
 
+        busy_polls = [0]
+
         def victim_busy() -> bool:  # the router's own count, not a probe's report up to 0.5 s old
+            # on two polls in a row (0.2 s apart): a request that has just arrived has no token yet,
+            # and a replica dying under it is a refusal the router retries, not a failure mid-stream
             status = serve.get_app_handle(APP).status.remote().result(timeout_s=30)
-            return status["inflight"].get(victim["replica_id"], 0) >= 2
+            busy = status["inflight"].get(victim["replica_id"], 0) >= 2
+            busy_polls[0] = busy_polls[0] + 1 if busy else 0
+            return busy_polls[0] >= 2
 
         wait_for(victim_busy, 60, "the victim replica to hold requests")
         t_kill = time.monotonic()
