@@ -262,15 +262,13 @@ class MLAttention(nn.Module):
             # bf16: scale and causal mask inside the GEMM's epilogue (one baddbmm, the mask a [n, ctx]
             # bias broadcast over heads), not two passes over [heads, n, ctx], the scores rounded once
             # instead of twice; with softmax_rows a 1-2k-token prefill's attention runs 2.3-2.5x here
-            wide = emulated_bf16(q)  # (no bf16 matmul instructions: multiplied in fp32, rounded once)
-            bias = torch.zeros(n, ctx, dtype=torch.float32 if wide else q.dtype, device=q.device)
+            if emulated_bf16(q):  # (no bf16 matmul instructions: multiplied in fp32, rounded once)
+                qt, kt = qt.float(), kt.float()
+            bias = torch.zeros(n, ctx, dtype=qt.dtype, device=q.device)
             if n > 1:
                 bias[:, ctx - n :].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1),
                                                 float("-inf"))
-            if wide:
-                scores = torch.baddbmm(bias, qt.float(), kt.float(), alpha=self.scale).to(q.dtype)
-            else:
-                scores = torch.baddbmm(bias, qt, kt, alpha=self.scale)
+            scores = torch.baddbmm(bias, qt, kt, alpha=self.scale).to(q.dtype)
         return self._matmul(softmax_rows(scores), v.transpose(0, 1)).transpose(0, 1)  # [n, heads, v]
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
